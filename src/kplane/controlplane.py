@@ -1,0 +1,167 @@
+"""Assemble and run the control plane: PKI, store, bootstrap objects, the HTTPS apiserver and the controllers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from kplane import pki
+from kplane.api import meta
+from kplane.apiserver.authn import Authenticator
+from kplane.apiserver.authz import Authorizer
+from kplane.apiserver.policy import bootstrap_objects
+from kplane.apiserver.server import APIServer, ServerOptions
+from kplane.client import APIClient
+from kplane.controllers.core import NamespaceControllers
+from kplane.storage.base import KeyExists, KeyNotFound, Store
+from kplane.storage.sqlite import SQLiteStore
+
+log = logging.getLogger(__name__)
+
+SYSTEM_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
+
+
+@dataclass
+class Config:
+    data_dir: Path
+    port: int = 6443
+    bind_address: str = "0.0.0.0"
+    advertise_address: str = "127.0.0.1"
+    extra_sans: list[str] = field(default_factory=list)
+    anonymous: bool = True
+    token_file: Path | None = None
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.data_dir / "pki"
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.advertise_address}:{self.port}"
+
+
+def prepare_pki(cfg: Config) -> None:
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    cfg.data_dir.chmod(0o700)
+    ips = sorted({"127.0.0.1", cfg.advertise_address, *[s for s in cfg.extra_sans if _is_ip(s)]})
+    dns = sorted({socket.gethostname(), *[s for s in cfg.extra_sans if not _is_ip(s)]})
+    pki.ensure_pki(cfg.pki_dir, sans_dns=dns, sans_ips=ips)
+    ca_pem = (cfg.pki_dir / "ca.crt").read_bytes()
+    pki.write_kubeconfig(cfg.data_dir / "admin.kubeconfig", server=cfg.url, ca_pem=ca_pem,
+                         cert_pem=(cfg.pki_dir / "admin.crt").read_bytes(),
+                         key_pem=(cfg.pki_dir / "admin.key").read_bytes())
+
+
+def _is_ip(s: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in s else socket.AF_INET, s)
+        return True
+    except OSError:
+        return False
+
+
+async def bootstrap(store: Store) -> None:
+    """Objects the apiserver itself keeps: system namespaces and the default RBAC policy."""
+    for ns in SYSTEM_NAMESPACES:
+        key = f"/registry/core/namespaces/{ns}"
+        try:
+            await store.get(key)
+        except KeyNotFound:
+            obj: dict[str, Any] = {"apiVersion": "v1", "kind": "Namespace",
+                   "metadata": {"name": ns, "uid": str(uuid.uuid4()), "creationTimestamp": meta.now_rfc3339(),
+                                "labels": {"kubernetes.io/metadata.name": ns}},
+                   "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}
+            with contextlib.suppress(KeyExists):
+                await store.create(key, obj)
+    for obj in bootstrap_objects():
+        plural = "clusterroles" if obj["kind"] == "ClusterRole" else "clusterrolebindings"
+        key = f"/registry/rbac.authorization.k8s.io/{plural}/{obj['metadata']['name']}"
+        try:
+            cur = await store.get(key)
+        except KeyNotFound:
+            obj["metadata"]["uid"] = str(uuid.uuid4())
+            obj["metadata"]["creationTimestamp"] = meta.now_rfc3339()
+            with contextlib.suppress(KeyExists):
+                await store.create(key, obj)
+            continue
+        ann = cur.get("metadata", {}).get("annotations") or {}
+        if ann.get("rbac.authorization.kubernetes.io/autoupdate") == "false":
+            continue
+        changed = False
+        for f in ("rules", "roleRef", "subjects", "aggregationRule"):
+            if f in obj and cur.get(f) != obj[f]:
+                cur[f] = obj[f]
+                changed = True
+        if changed:
+            await store.update(key, cur)
+
+
+class ControlPlane:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.store: Store | None = None
+        self.server: APIServer | None = None
+        self.runner: web.AppRunner | None = None
+        self.controllers: NamespaceControllers | None = None
+        self.client: APIClient | None = None
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        prepare_pki(cfg)
+        self.store = await SQLiteStore.open(str(cfg.data_dir / "state.db"))
+        await bootstrap(self.store)
+        sa_key = pki.load_private_key(cfg.pki_dir / "sa.key")
+        opts = ServerOptions(advertise_address=cfg.advertise_address, port=cfg.port)
+        sa_tokens = pki.ServiceAccountTokens(sa_key, issuer=opts.issuer, api_audiences=list(opts.api_audiences))
+        authn = Authenticator(store=self.store, sa_tokens=sa_tokens, api_audiences=list(opts.api_audiences),
+                              token_file=cfg.token_file, anonymous=cfg.anonymous)
+        authz = Authorizer(self.store)
+        await authz.rbac.start()
+        ca_pem = (cfg.pki_dir / "ca.crt").read_bytes()
+        self.server = APIServer(store=self.store, authn=authn, authz=authz, sa_tokens=sa_tokens, ca_pem=ca_pem,
+                                options=opts)
+        self.runner = web.AppRunner(self.server.make_app(), access_log=None, handle_signals=False,
+                                    shutdown_timeout=2.0)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, cfg.bind_address, cfg.port, ssl_context=APIServer.ssl_context(cfg.pki_dir),
+                           reuse_address=True)
+        await site.start()
+        log.info("apiserver listening on https://%s:%d", cfg.bind_address, cfg.port)
+        self.client = APIClient(f"https://127.0.0.1:{cfg.port}", ca_file=cfg.pki_dir / "ca.crt",
+                                cert_file=cfg.pki_dir / "controller-manager.crt",
+                                key_file=cfg.pki_dir / "controller-manager.key")
+        self.controllers = NamespaceControllers(self.client, ca_pem)
+        self.controllers.start()
+
+    async def stop(self) -> None:
+        if self.controllers:
+            await self.controllers.close()
+        if self.client:
+            await self.client.close()
+        if self.server:
+            await self.server.close()
+            await self.server.authz.rbac.stop()
+        if self.runner:
+            await self.runner.cleanup()
+        if self.store:
+            await self.store.close()
+
+
+async def run_forever(cfg: Config, stop: asyncio.Event) -> None:
+    cp = ControlPlane(cfg)
+    await cp.start()
+    print(f"kplane: apiserver ready at {cfg.url}", flush=True)
+    print(f"kplane: export KUBECONFIG={cfg.data_dir / 'admin.kubeconfig'}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await cp.stop()
+        print("kplane: stopped", flush=True)

@@ -1,0 +1,310 @@
+"""SQLite-backed :class:`~kplane.storage.base.Store` (single process).
+
+Schema::
+
+    kv(key TEXT PRIMARY KEY, rv INTEGER NOT NULL, value BLOB NOT NULL)   -- current objects (orjson)
+    history(rv INTEGER PRIMARY KEY, key TEXT, type TEXT, value BLOB)     -- one row per write
+    meta(k TEXT PRIMARY KEY, v INTEGER)                                  -- 'rev', 'compacted'
+
+One connection in WAL mode with ``synchronous=NORMAL``. Every operation is a small indexed statement run
+synchronously on the event-loop thread, so each write (revision bump + kv row + history row, in one
+transaction) is atomic with respect to other coroutines without any locking. After commit the event is
+fanned out to in-process watchers, each owning an unbounded ``asyncio.Queue`` of encoded events; a
+watcher that lets more than ``MAX_WATCH_QUEUE`` events pile up is terminated with :class:`Compacted`
+(the client must relist) rather than growing memory. Each watcher decodes its own copy of the object.
+
+``meta.compacted`` is the highest revision removed from history; watching from ``rv < compacted`` raises
+:class:`Compacted`. History is trimmed to ``history`` rows automatically every ``COMPACT_EVERY`` writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncGenerator, Iterator
+from typing import Any
+
+import orjson
+
+from .base import (
+    Compacted,
+    Event,
+    KeyExists,
+    KeyNotFound,
+    Predicate,
+    RVConflict,
+    Store,
+    decode_continue,
+    encode_continue,
+    prefix_end,
+)
+
+__all__ = ["COMPACT_EVERY", "MAX_WATCH_QUEUE", "SQLiteStore"]
+
+MAX_WATCH_QUEUE = 10000
+COMPACT_EVERY = 1000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, rv INTEGER NOT NULL, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS history (rv INTEGER PRIMARY KEY, key TEXT, type TEXT, value BLOB);
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER);
+INSERT OR IGNORE INTO meta (k, v) VALUES ('rev', 0);
+INSERT OR IGNORE INTO meta (k, v) VALUES ('compacted', 0);
+"""
+
+# A queued item: (rv, key, type, encoded object), an exception to raise, or None (store closed).
+_Item = tuple[int, str, str, bytes] | BaseException | None
+
+
+class _Watcher:
+    __slots__ = ("prefix", "queue")
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
+
+
+def _with_rv(obj: dict[str, Any], rv: int) -> dict[str, Any]:
+    """Shallow copy of ``obj`` with ``metadata.resourceVersion`` set (the input is not mutated)."""
+    out = dict(obj)
+    meta = out.get("metadata")
+    out["metadata"] = {**(meta if isinstance(meta, dict) else {}), "resourceVersion": str(rv)}
+    return out
+
+
+def _range_sql(prefix: str) -> tuple[str, list[Any]]:
+    end = prefix_end(prefix)
+    if end is None:
+        return "key >= ?", [prefix]
+    return "key >= ? AND key < ?", [prefix, end]
+
+
+class SQLiteStore(Store):
+    """See the module docstring. Create with ``await SQLiteStore.open(path)``."""
+
+    def __init__(self, conn: sqlite3.Connection, history: int) -> None:
+        self._db = conn
+        self._history = history
+        self._watchers: set[_Watcher] = set()
+        self._writes_since_compact = 0
+        self._closed = False
+        row = conn.execute("SELECT v FROM meta WHERE k = 'rev'").fetchone()
+        self._rev: int = int(row[0])
+        row = conn.execute("SELECT v FROM meta WHERE k = 'compacted'").fetchone()
+        self._compacted: int = int(row[0])
+
+    @classmethod
+    async def open(cls, path: str, *, history: int = 10000) -> SQLiteStore:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.executescript(_SCHEMA)
+        store = cls(conn, history)
+        if store._rev - store._compacted > history:
+            store._compact_sync(history)
+        return store
+
+    # -- writes -------------------------------------------------------------------------------------
+
+    def _write(self, key: str, etype: str, value: bytes, *, delete: bool = False) -> int:
+        """One transaction: bump revision, update kv, append history. Returns the new revision."""
+        rev = self._rev + 1
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if delete:
+                db.execute("DELETE FROM kv WHERE key = ?", (key,))
+            else:
+                db.execute(
+                    "INSERT INTO kv (key, rv, value) VALUES (?, ?, ?) "
+                    "ON CONFLICT(key) DO UPDATE SET rv = excluded.rv, value = excluded.value",
+                    (key, rev, value),
+                )
+            db.execute(
+                "INSERT INTO history (rv, key, type, value) VALUES (?, ?, ?, ?)", (rev, key, etype, value)
+            )
+            db.execute("UPDATE meta SET v = ? WHERE k = 'rev'", (rev,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._rev = rev
+        self._notify((rev, key, etype, value))
+        self._writes_since_compact += 1
+        if self._writes_since_compact >= COMPACT_EVERY:
+            self._writes_since_compact = 0
+            if self._rev - self._compacted > self._history:
+                self._compact_sync(self._history)
+        return rev
+
+    def _notify(self, item: tuple[int, str, str, bytes]) -> None:
+        key = item[1]
+        for w in list(self._watchers):
+            if not key.startswith(w.prefix):
+                continue
+            if w.queue.qsize() >= MAX_WATCH_QUEUE:
+                self._watchers.discard(w)
+                w.queue.put_nowait(Compacted(f"watcher fell more than {MAX_WATCH_QUEUE} events behind"))
+            else:
+                w.queue.put_nowait(item)
+
+    def _current(self, key: str) -> tuple[int, bytes] | None:
+        row = self._db.execute("SELECT rv, value FROM kv WHERE key = ?", (key,)).fetchone()
+        return None if row is None else (int(row[0]), bytes(row[1]))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("store is closed")
+
+    async def create(self, key: str, obj: dict[str, Any]) -> dict[str, Any]:
+        self._check_open()
+        if self._current(key) is not None:
+            raise KeyExists(key)
+        out = _with_rv(obj, self._rev + 1)
+        self._write(key, "ADDED", orjson.dumps(out))
+        return out
+
+    async def get(self, key: str) -> dict[str, Any]:
+        self._check_open()
+        cur = self._current(key)
+        if cur is None:
+            raise KeyNotFound(key)
+        result: dict[str, Any] = orjson.loads(cur[1])
+        return result
+
+    async def update(self, key: str, obj: dict[str, Any], expected_rv: int | None = None) -> dict[str, Any]:
+        self._check_open()
+        cur = self._current(key)
+        if cur is None:
+            raise KeyNotFound(key)
+        if expected_rv is not None and cur[0] != expected_rv:
+            raise RVConflict(f"{key}: expected resourceVersion {expected_rv}, have {cur[0]}")
+        out = _with_rv(obj, self._rev + 1)
+        self._write(key, "MODIFIED", orjson.dumps(out))
+        return out
+
+    async def delete(self, key: str, expected_rv: int | None = None) -> dict[str, Any]:
+        self._check_open()
+        cur = self._current(key)
+        if cur is None:
+            raise KeyNotFound(key)
+        if expected_rv is not None and cur[0] != expected_rv:
+            raise RVConflict(f"{key}: expected resourceVersion {expected_rv}, have {cur[0]}")
+        out = _with_rv(orjson.loads(cur[1]), self._rev + 1)
+        self._write(key, "DELETED", orjson.dumps(out), delete=True)
+        return out
+
+    # -- reads --------------------------------------------------------------------------------------
+
+    async def list(
+        self,
+        prefix: str,
+        *,
+        limit: int = 0,
+        continue_key: str | None = None,
+        predicate: Predicate | None = None,
+    ) -> tuple[list[dict[str, Any]], int, str | None]:
+        self._check_open()
+        where, args = _range_sql(prefix)
+        rev = self._rev
+        if continue_key:
+            after, rev = decode_continue(continue_key)
+            where += " AND key > ?"
+            args.append(after)
+        cursor = self._db.execute(f"SELECT key, value FROM kv WHERE {where} ORDER BY key", args)
+        items: list[dict[str, Any]] = []
+        last_key = ""
+        try:
+            for key, value in cursor:
+                obj: dict[str, Any] = orjson.loads(value)
+                if predicate is not None and not predicate(obj):
+                    continue
+                if limit > 0 and len(items) >= limit:
+                    # Another matching item exists beyond this page.
+                    return items, rev, encode_continue(last_key, rev)
+                items.append(obj)
+                last_key = key
+        finally:
+            cursor.close()
+        return items, rev, None
+
+    async def current_revision(self) -> int:
+        return self._rev
+
+    def watcher_count(self) -> int:
+        return len(self._watchers)
+
+    def _history_rows(self, prefix: str, from_rv: int, to_rv: int) -> Iterator[tuple[int, str, str, bytes]]:
+        where, args = _range_sql(prefix)
+        cursor = self._db.execute(
+            f"SELECT rv, key, type, value FROM history WHERE rv > ? AND rv <= ? AND {where} ORDER BY rv",
+            [from_rv, to_rv, *args],
+        )
+        try:
+            for rv, key, etype, value in cursor:
+                yield int(rv), str(key), str(etype), bytes(value)
+        finally:
+            cursor.close()
+
+    async def watch(self, prefix: str, from_rv: int) -> AsyncGenerator[Event, None]:
+        self._check_open()
+        if from_rv < 0:
+            raise ValueError("from_rv must be >= 0")
+        # Everything up to registering the watcher runs without awaiting, so no write can slip in between
+        # reading history and subscribing.
+        now = self._rev
+        backlog: list[tuple[int, str, str, bytes]] = []
+        if from_rv != 0 and from_rv < now:
+            if from_rv < self._compacted:
+                raise Compacted(
+                    f"resourceVersion {from_rv} is too old (history starts after {self._compacted})"
+                )
+            backlog = list(self._history_rows(prefix, from_rv, now))
+        watcher = _Watcher(prefix)
+        self._watchers.add(watcher)
+        try:
+            for rv, key, etype, value in backlog:
+                yield Event(etype, key, orjson.loads(value), rv)
+            del backlog
+            while True:
+                item = await watcher.queue.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                rv, key, etype, value = item
+                if rv <= from_rv:  # watching from a future revision
+                    continue
+                yield Event(etype, key, orjson.loads(value), rv)
+        finally:
+            self._watchers.discard(watcher)
+
+    # -- maintenance --------------------------------------------------------------------------------
+
+    def _compact_sync(self, keep: int) -> None:
+        upto = self._rev - max(keep, 0)
+        if upto <= self._compacted:
+            return
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("DELETE FROM history WHERE rv <= ?", (upto,))
+            db.execute("UPDATE meta SET v = ? WHERE k = 'compacted'", (upto,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._compacted = upto
+
+    async def compact(self, keep: int) -> None:
+        self._check_open()
+        self._compact_sync(keep)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for w in list(self._watchers):
+            w.queue.put_nowait(None)
+        self._watchers.clear()
+        self._db.close()
