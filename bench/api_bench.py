@@ -21,7 +21,7 @@ import aiohttp
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.cluster import Cluster  # noqa: E402
+from tests.cluster import Cluster
 
 
 def pct(samples: list[float], p: float) -> float:
@@ -59,7 +59,7 @@ async def run(cluster: Cluster, n: int, concurrency: int) -> list[tuple[str, int
             lat: list[float] = []
             queue = list(range(n))
 
-            async def worker(kind: str = kind) -> None:
+            async def worker(kind: str = kind, queue: list[int] = queue, lat: list[float] = lat) -> None:
                 while queue:
                     i = queue.pop()
                     t0 = time.perf_counter()

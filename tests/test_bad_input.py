@@ -209,6 +209,7 @@ def test_watch_with_too_old_resource_version_and_bad_params(cluster: Cluster, ad
     assert_status(r, 422, "Invalid")
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_tls_1_1_refused(cluster: Cluster) -> None:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
@@ -222,3 +223,10 @@ def test_tls_1_1_refused(cluster: Cluster) -> None:
 
     with socket.create_connection(("127.0.0.1", cluster.port), timeout=5) as s, pytest.raises(ssl.SSLError):
         ctx.wrap_socket(s)
+
+
+def test_field_selector_on_name_lists_not_gets(cluster: Cluster, admin: tuple[str, str]) -> None:
+    # fieldSelector=metadata.name=x narrows a list (and names the object for authorization); it is never a GET
+    r = call(cluster, "GET", "/api/v1/namespaces?fieldSelector=metadata.name%3Ddefault", cert=admin)
+    assert r.status_code == 200 and r.json()["kind"] == "NamespaceList"
+    assert [i["metadata"]["name"] for i in r.json()["items"]] == ["default"]

@@ -282,6 +282,311 @@ def test_is_protobuf_and_kinds() -> None:
     assert not is_protobuf("application/json")
     assert not is_protobuf(None)
     assert ("certificates.k8s.io/v1", "CertificateSigningRequest") in supported_kinds()
+    for kind in ("ConfigMap", "Secret", "ServiceAccount", "Namespace", "Service", "ResourceQuota"):
+        assert ("v1", kind) in supported_kinds()
+    for kind in ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"):
+        assert ("rbac.authorization.k8s.io/v1", kind) in supported_kinds()
+
+
+# --- kubectl create generators ---------------------------------------------------------------------------
+
+RBAC = "rbac.authorization.k8s.io/v1"
+
+
+def test_config_map() -> None:
+    # kubectl create configmap c --from-literal=a=b --from-literal=e= --from-file=bin.dat (non-UTF-8 -> binaryData)
+    raw = (
+        m(1, s(1, "c"), s(3, "default"))
+        + entry(2, "a", "b")
+        + entry(2, "e", "")
+        + entry(3, "bin.dat", b"\xff\xfe\x00")
+    )
+    obj = decode(envelope("v1", "ConfigMap", raw))
+    assert obj == {
+        "kind": "ConfigMap",
+        "apiVersion": "v1",
+        "metadata": {"name": "c", "namespace": "default"},
+        "data": {"a": "b", "e": ""},
+        "binaryData": {"bin.dat": base64.b64encode(b"\xff\xfe\x00").decode()},
+    }
+    obj = decode(envelope("v1", "ConfigMap", EMPTY_META + v(4, 0)))
+    assert obj == {"kind": "ConfigMap", "apiVersion": "v1", "metadata": {}, "immutable": False}
+
+
+def test_secret() -> None:
+    raw = (
+        m(1, s(1, "s"))
+        + entry(2, "k", b"v\x00\xff")
+        + entry(2, "empty", b"")
+        + s(3, "Opaque")
+        + entry(4, "plain", "text")
+        + v(5, 1)
+    )
+    obj = decode(envelope("v1", "Secret", raw))
+    assert obj == {
+        "kind": "Secret",
+        "apiVersion": "v1",
+        "metadata": {"name": "s"},
+        "immutable": True,
+        "data": {"k": base64.b64encode(b"v\x00\xff").decode(), "empty": ""},
+        "stringData": {"plain": "text"},
+        "type": "Opaque",
+    }
+
+
+def test_service_account() -> None:
+    raw = (
+        m(1, s(1, "x"), s(3, "default"))
+        + m(2, s(1, "Secret"), s(3, "tok"), s(2, ""), s(7, ""))
+        + m(3, s(1, "regcred"))
+        + v(4, 0)
+    )
+    obj = decode(envelope("v1", "ServiceAccount", raw))
+    assert obj == {
+        "kind": "ServiceAccount",
+        "apiVersion": "v1",
+        "metadata": {"name": "x", "namespace": "default"},
+        "secrets": [{"kind": "Secret", "name": "tok"}],
+        "imagePullSecrets": [{"name": "regcred"}],
+        "automountServiceAccountToken": False,
+    }
+    # kubectl create sa x: only metadata
+    assert decode(envelope("v1", "ServiceAccount", m(1, s(1, "x")))) == {
+        "kind": "ServiceAccount",
+        "apiVersion": "v1",
+        "metadata": {"name": "x"},
+    }
+
+
+def test_namespace() -> None:
+    # kubectl create ns n1 writes empty spec and status (gogo non-nullable embedded messages)
+    obj = decode(envelope("v1", "Namespace", m(1, s(1, "n1")) + m(2) + m(3, s(1, ""))))
+    assert obj == {
+        "kind": "Namespace",
+        "apiVersion": "v1",
+        "metadata": {"name": "n1"},
+        "spec": {},
+        "status": {},
+    }
+    cond = m(2, s(1, "NamespaceDeletionContentFailure"), s(2, "False"), m(4), s(5, ""), s(6, ""))
+    obj = decode(envelope("v1", "Namespace", m(1) + m(2, s(1, "kubernetes")) + m(3, s(1, "Active"), cond)))
+    assert obj["spec"] == {"finalizers": ["kubernetes"]}
+    assert obj["status"] == {
+        "phase": "Active",
+        "conditions": [{"type": "NamespaceDeletionContentFailure", "status": "False"}],
+    }
+
+
+def _port(name: str, port: int, target: bytes, *extra: bytes) -> bytes:
+    return m(1, s(1, name), s(2, "TCP"), v(3, port), m(4, *([target] if target else [])), *extra)
+
+
+def test_service_clusterip() -> None:
+    # kubectl create service clusterip s1 --tcp=80:8080 --tcp=443:https --tcp=53
+    spec = m(
+        2,
+        _port("80-8080", 80, v(1, 0) + v(2, 8080) + s(3, "")),
+        _port("443-https", 443, v(1, 1) + v(2, 0) + s(3, "https")),
+        _port("53", 53, b"", v(5, 0)),  # zero targetPort is dropped so the server defaults it to port
+        entry(2, "app", "s1"),
+        s(3, ""),
+        s(4, "ClusterIP"),
+        s(7, ""),
+        s(8, ""),
+        s(10, ""),
+        s(11, ""),
+        v(12, 0),
+        v(13, 0),
+    )
+    status = m(3, m(1))
+    obj = decode(envelope("v1", "Service", m(1, s(1, "s1"), entry(11, "app", "s1")) + spec + status))
+    assert obj == {
+        "kind": "Service",
+        "apiVersion": "v1",
+        "metadata": {"name": "s1", "labels": {"app": "s1"}},
+        "spec": {
+            "ports": [
+                {"name": "80-8080", "protocol": "TCP", "port": 80, "targetPort": 8080},
+                {"name": "443-https", "protocol": "TCP", "port": 443, "targetPort": "https"},
+                {"name": "53", "protocol": "TCP", "port": 53},
+            ],
+            "selector": {"app": "s1"},
+            "type": "ClusterIP",
+        },
+        "status": {"loadBalancer": {}},
+    }
+
+
+def test_service_full_spec_and_status() -> None:
+    spec = m(
+        2,
+        m(1, v(3, 443), m(4, v(2, 8443)), v(5, 30443), s(6, "kubernetes.io/h2c")),
+        s(3, "10.0.0.1"),
+        s(18, "10.0.0.1"),
+        s(18, "fd00::1"),
+        s(4, "LoadBalancer"),
+        s(5, "1.2.3.4"),
+        s(7, "ClientIP"),
+        s(8, "5.6.7.8"),
+        s(9, "10.0.0.0/8"),
+        s(11, "Local"),
+        v(12, 31000),
+        v(13, 1),
+        m(14, m(1, v(1, 10800))),
+        s(19, "IPv4"),
+        s(19, "IPv6"),
+        s(17, "PreferDualStack"),
+        v(20, 0),
+        s(21, "example.com/lb"),
+        s(22, "Cluster"),
+        s(23, "PreferClose"),
+    )
+    ingress = m(1, s(1, "9.9.9.9"), s(3, "VIP"), m(4, v(1, 443), s(2, "TCP")))
+    cond = m(2, s(1, "Ready"), s(2, "True"), v(3, 2), m(4, v(1, 0)), s(5, "Ok"), s(6, ""))
+    obj = decode(envelope("v1", "Service", EMPTY_META + spec + m(3, m(1, ingress), cond)))
+    assert obj["spec"] == {
+        "ports": [{"port": 443, "targetPort": 8443, "nodePort": 30443, "appProtocol": "kubernetes.io/h2c"}],
+        "clusterIP": "10.0.0.1",
+        "clusterIPs": ["10.0.0.1", "fd00::1"],
+        "type": "LoadBalancer",
+        "externalIPs": ["1.2.3.4"],
+        "sessionAffinity": "ClientIP",
+        "loadBalancerIP": "5.6.7.8",
+        "loadBalancerSourceRanges": ["10.0.0.0/8"],
+        "externalTrafficPolicy": "Local",
+        "healthCheckNodePort": 31000,
+        "publishNotReadyAddresses": True,
+        "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 10800}},
+        "ipFamilies": ["IPv4", "IPv6"],
+        "ipFamilyPolicy": "PreferDualStack",
+        "allocateLoadBalancerNodePorts": False,
+        "loadBalancerClass": "example.com/lb",
+        "internalTrafficPolicy": "Cluster",
+        "trafficDistribution": "PreferClose",
+    }
+    assert obj["status"] == {
+        "loadBalancer": {
+            "ingress": [{"ip": "9.9.9.9", "ipMode": "VIP", "ports": [{"port": 443, "protocol": "TCP"}]}]
+        },
+        "conditions": [
+            {
+                "type": "Ready",
+                "status": "True",
+                "observedGeneration": 2,
+                "lastTransitionTime": "1970-01-01T00:00:00Z",
+                "reason": "Ok",
+                "message": "",
+            }
+        ],
+    }
+
+
+def test_service_external_name() -> None:
+    spec = m(2, entry(2, "app", "s3"), s(4, "ExternalName"), s(10, "example.com"))
+    obj = decode(envelope("v1", "Service", m(1, s(1, "s3")) + spec))
+    assert obj["spec"] == {"selector": {"app": "s3"}, "type": "ExternalName", "externalName": "example.com"}
+
+
+def test_resource_quota() -> None:
+    # kubectl create quota q --hard=pods=2,requests.cpu=500m --scopes=BestEffort
+    spec = m(
+        2,
+        entry(1, "pods", s(1, "2")),
+        entry(1, "requests.cpu", s(1, "500m")),
+        s(2, "BestEffort"),
+        m(3, m(1, s(1, "PriorityClass"), s(2, "In"), s(3, "high"))),
+    )
+    status = m(3, entry(1, "pods", s(1, "2")), entry(2, "pods", s(1, "1")))
+    obj = decode(envelope("v1", "ResourceQuota", m(1, s(1, "q")) + spec + status))
+    assert obj == {
+        "kind": "ResourceQuota",
+        "apiVersion": "v1",
+        "metadata": {"name": "q"},
+        "spec": {
+            "hard": {"pods": "2", "requests.cpu": "500m"},
+            "scopes": ["BestEffort"],
+            "scopeSelector": {
+                "matchExpressions": [{"scopeName": "PriorityClass", "operator": "In", "values": ["high"]}]
+            },
+        },
+        "status": {"hard": {"pods": "2"}, "used": {"pods": "1"}},
+    }
+
+
+def test_role_and_cluster_role() -> None:
+    # kubectl create role r --verb=get,list --resource=pods,pods/log --resource-name=p1
+    rule = m(2, s(1, "get"), s(1, "list"), s(2, ""), s(3, "pods"), s(3, "pods/log"), s(4, "p1"))
+    obj = decode(envelope(RBAC, "Role", m(1, s(1, "r"), s(3, "default")) + rule))
+    assert obj == {
+        "kind": "Role",
+        "apiVersion": RBAC,
+        "metadata": {"name": "r", "namespace": "default"},
+        "rules": [
+            {
+                "verbs": ["get", "list"],
+                "apiGroups": [""],
+                "resources": ["pods", "pods/log"],
+                "resourceNames": ["p1"],
+            }
+        ],
+    }
+    # kubectl create clusterrole cr --verb=get --resource=nodes --non-resource-url=/logs/*
+    rules = m(2, s(1, "get"), s(2, ""), s(3, "nodes")) + m(2, s(1, "get"), s(5, "/logs/*"))
+    obj = decode(envelope(RBAC, "ClusterRole", m(1, s(1, "cr")) + rules))
+    assert obj["rules"] == [
+        {"verbs": ["get"], "apiGroups": [""], "resources": ["nodes"]},
+        {"verbs": ["get"], "nonResourceURLs": ["/logs/*"]},
+    ]
+    # kubectl create clusterrole agg --aggregation-rule=a=b
+    agg = m(3, m(1, entry(1, "a", "b"), m(2, s(1, "tier"), s(2, "In"), s(3, "x"))))
+    obj = decode(envelope(RBAC, "ClusterRole", m(1, s(1, "agg")) + agg))
+    assert obj == {
+        "kind": "ClusterRole",
+        "apiVersion": RBAC,
+        "metadata": {"name": "agg"},
+        "aggregationRule": {
+            "clusterRoleSelectors": [
+                {
+                    "matchLabels": {"a": "b"},
+                    "matchExpressions": [{"key": "tier", "operator": "In", "values": ["x"]}],
+                }
+            ]
+        },
+    }
+
+
+@pytest.mark.parametrize("kind", ["RoleBinding", "ClusterRoleBinding"])
+def test_role_bindings(kind: str) -> None:
+    # kubectl create rolebinding rb --role=r --user=u --serviceaccount=default:x
+    subjects = m(2, s(1, "User"), s(2, "rbac.authorization.k8s.io"), s(3, "u"), s(4, "")) + m(
+        2, s(1, "ServiceAccount"), s(2, ""), s(3, "x"), s(4, "default")
+    )
+    role_ref = m(3, s(1, "rbac.authorization.k8s.io"), s(2, "Role"), s(3, "r"))
+    obj = decode(envelope(RBAC, kind, m(1, s(1, "rb")) + subjects + role_ref))
+    assert obj == {
+        "kind": kind,
+        "apiVersion": RBAC,
+        "metadata": {"name": "rb"},
+        "subjects": [
+            {"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": "u"},
+            {"kind": "ServiceAccount", "name": "x", "namespace": "default"},
+        ],
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "r"},
+    }
+    # required strings without omitempty are emitted even when absent on the wire
+    obj = decode(envelope(RBAC, kind, EMPTY_META + m(2) + m(3)))
+    assert obj["subjects"] == [{"kind": "", "name": ""}]
+    assert obj["roleRef"] == {"apiGroup": "", "kind": "", "name": ""}
+
+
+def test_int_or_string_merge_and_last_wins() -> None:
+    # Singular embedded messages merge: a later chunk switching to the string form wins.
+    spec = m(2, m(1, v(3, 80), m(4, v(2, 8080)), m(4, v(1, 1), s(3, "http"))))
+    obj = decode(envelope("v1", "Service", EMPTY_META + spec))
+    assert obj["spec"]["ports"] == [{"port": 80, "targetPort": "http"}]
+    spec = m(2, m(1, v(3, 80), m(4, v(2, -1))))  # negative int32 is sign-extended to 64 bits on the wire
+    obj = decode(envelope("v1", "Service", EMPTY_META + spec))
+    assert obj["spec"]["ports"] == [{"port": 80, "targetPort": -1}]
 
 
 # --- errors ----------------------------------------------------------------------------------------------
@@ -317,6 +622,15 @@ SSAR = ("authorization.k8s.io/v1", "SelfSubjectAccessReview")
         envelope(*SSAR, m(1, m(11, v(1, 1)))),  # map entry wrong type
         envelope(*SSAR, m(1, m(11, s(1, "k"), v(2, 1)))),  # map value wrong type
         envelope(*SSAR, b"\x0a\x03\x0a\x05a"),  # nested truncation
+        envelope("v1", "Service", m(2, m(1, m(4, v(1, 2))))),  # IntOrString type out of range
+        envelope("v1", "Service", m(2, m(1, v(4, 80)))),  # targetPort as varint
+        envelope("v1", "Service", m(2, m(1, m(4, s(2, "x"))))),  # intVal as LEN
+        envelope("v1", "Secret", m(2, v(1, 1))),  # map_bytes entry wrong wire type
+        envelope("v1", "Secret", m(2, s(1, "k"), v(2, 1))),  # map_bytes value wrong wire type
+        envelope("v1", "ResourceQuota", m(2, entry(1, "pods", b""))),  # empty quantity
+        envelope("v1", "ResourceQuota", m(2, entry(1, "pods", v(1, 2)))),  # quantity string as varint
+        envelope("v1", "ResourceQuota", m(2, entry(1, "pods", s(1, b"\xff")))),  # quantity not UTF-8
+        envelope(RBAC, "Role", m(2, v(1, 1))),  # verbs as varint
     ],
 )
 def test_malformed_is_400(body: bytes) -> None:
@@ -329,6 +643,7 @@ def test_malformed_is_400(body: bytes) -> None:
     "body",
     [
         envelope("v1", "Pod", b""),
+        envelope("rbac.authorization.k8s.io/v1beta1", "Role", b""),
         envelope("authorization.k8s.io/v2", "SelfSubjectAccessReview", b""),
         envelope(*SSAR, b"", s(3, "gzip")),
         envelope(*SSAR, b"", s(4, "application/json")),

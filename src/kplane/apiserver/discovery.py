@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from functools import cache
 from importlib import resources as ir
 from typing import Any
@@ -104,6 +105,23 @@ def schemas() -> dict[str, dict[str, Any]]:
     return loaded
 
 
+_MODEL_PREFIX = re.compile(r"^(?:[A-Z][a-z]+)*V1(?=[A-Z])")
+
+
+@cache
+def display_names() -> dict[str, str]:
+    """Definition names as upstream spells them (``PodSpec``), not as the client models do (``V1PodSpec``);
+    a short name two models would share keeps the long form."""
+    short: dict[str, list[str]] = {}
+    for n in schemas():
+        short.setdefault(_MODEL_PREFIX.sub("", n), []).append(n)
+    out = {}
+    for s, longs in short.items():
+        for n in longs:
+            out[n] = s if len(longs) == 1 else n
+    return out
+
+
 def _schema_of(t: Any, ref_prefix: str) -> dict[str, Any]:
     if isinstance(t, dict):
         if "list" in t:
@@ -121,7 +139,7 @@ def _schema_of(t: Any, ref_prefix: str) -> dict[str, Any]:
     }
     if t in simple:
         return dict(simple[t])
-    return {"$ref": f"{ref_prefix}{t}"}
+    return {"$ref": f"{ref_prefix}{display_names().get(t, t)}"}
 
 
 def _definition(name: str, ref_prefix: str) -> dict[str, Any]:
@@ -160,7 +178,7 @@ def _ops(r: Resource, item: bool) -> dict[str, Any]:
     ops: dict[str, Any] = {}
 
     def op(verb: str, action: str, params: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        ref = f"#/components/schemas/{r.schema}"
+        ref = f"#/components/schemas/{display_names()[r.schema]}"
         return {
             "operationId": f"{verb}{r.kind}",
             "x-kubernetes-action": action,
@@ -199,9 +217,10 @@ def openapi_v3_gv(group: str, version: str) -> bytes:
         if not r.virtual:
             paths[f"{coll}/{{name}}"] = _ops(r, item=True)
     prefix = "#/components/schemas/"
-    comps = {n: _definition(n, prefix) for n in _reachable([r.schema for r in rs])}
+    names = display_names()
+    comps = {names[n]: _definition(n, prefix) for n in _reachable([r.schema for r in rs])}
     for r in rs:
-        comps[r.schema]["x-kubernetes-group-version-kind"] = [
+        comps[names[r.schema]]["x-kubernetes-group-version-kind"] = [
             {"group": r.group, "version": r.version, "kind": r.kind}
         ]
     doc = {"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.37.0"}, "paths": paths,
@@ -227,9 +246,10 @@ def openapi_v3_index() -> bytes:
 @cache
 def openapi_v2() -> bytes:
     prefix = "#/definitions/"
-    defs = {n: _definition(n, prefix) for n in _reachable([r.schema for r in RESOURCES])}
+    names = display_names()
+    defs = {names[n]: _definition(n, prefix) for n in _reachable([r.schema for r in RESOURCES])}
     for r in RESOURCES:
-        defs[r.schema]["x-kubernetes-group-version-kind"] = [
+        defs[names[r.schema]]["x-kubernetes-group-version-kind"] = [
             {"group": r.group, "version": r.version, "kind": r.kind}
         ]
     doc = {"swagger": "2.0", "info": {"title": "Kubernetes", "version": "v1.37.0"}, "paths": {}, "definitions": defs}

@@ -27,6 +27,11 @@ class RequestInfo:
     name: str = ""
     parts: list[str] = field(default_factory=list)
     rest: str = ""  # for proxy subresources: the path after .../proxy
+    selector_name: str = ""  # list/watch narrowed by fieldSelector metadata.name=<x>: the name for authorization
+
+    @property
+    def authz_name(self) -> str:
+        return self.name or self.selector_name
 
 
 def _truthy(value: str | None) -> bool:
@@ -92,6 +97,6 @@ def parse(method: str, path: str, query: dict[str, str]) -> RequestInfo:
         for part in fs.split(","):
             k, _, v = part.partition("=")
             if k.strip() == "metadata.name" and v and not v.startswith("="):
-                info.name = v.strip()
+                info.selector_name = v.strip()
     info.verb = verb
     return info

@@ -157,7 +157,7 @@ class APIServer:
         attrs = Attributes(
             user=user, verb=info.verb, resource_request=info.resource_request, path=req.path,
             namespace=info.namespace, api_group=info.api_group, api_version=info.api_version,
-            resource=info.resource, subresource=info.subresource, name=info.name,
+            resource=info.resource, subresource=info.subresource, name=info.authz_name,
             field_selector=query.get("fieldSelector", ""),
         )
         if info.resource_request and info.resource == "<invalid>":

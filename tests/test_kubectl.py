@@ -1,0 +1,213 @@
+"""The real kubectl 1.37 against a real kplane apiserver over HTTPS."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from tests.cluster import KUBECTL, Cluster
+
+POD = """
+apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  labels: {{app: web}}
+spec:
+  containers:
+  - name: main
+    image: busybox:1.36
+    command: ["sleep", "3600"]
+    env: [{{name: A, value: "1"}}]
+  - name: side
+    image: busybox:1.36
+    command: ["sleep", "3600"]
+"""
+
+
+def test_version_and_api_resources(cluster: Cluster) -> None:
+    out = cluster.kubectl("version", "-o", "json").stdout
+    server = json.loads(out)["serverVersion"]
+    assert server["major"] == "1" and server["minor"] == "37"
+    res = cluster.kubectl("api-resources").stdout
+    for line in ("pods", "certificatesigningrequests", "selfsubjectaccessreviews", "leases", "clusterroles"):
+        assert line in res
+    assert "po " in res  # short names come from discovery
+
+
+def test_get_table_columns(cluster: Cluster, ns: str) -> None:
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=POD.format(name="p1"))
+    header = cluster.kubectl("get", "pods", "-n", ns).stdout.splitlines()[0].split()
+    assert header == ["NAME", "READY", "STATUS", "RESTARTS", "AGE"]
+    wide = cluster.kubectl("get", "pods", "-n", ns, "-o", "wide").stdout.splitlines()
+    assert wide[0].split()[:7] == ["NAME", "READY", "STATUS", "RESTARTS", "AGE", "IP", "NODE"]
+    assert wide[1].split()[:3] == ["p1", "0/2", "Pending"]
+    assert cluster.kubectl("get", "namespaces").stdout.splitlines()[0].split() == ["NAME", "STATUS", "AGE"]
+    assert cluster.kubectl("get", "nodes").stderr.strip() == "No resources found"
+
+
+def test_create_apply_unchanged_configured(cluster: Cluster, ns: str) -> None:
+    cm = '{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"app"},"data":{"k":"%s"}}'
+    assert "created" in cluster.kubectl("apply", "-n", ns, "-f", "-", input=cm % "1").stdout
+    assert "unchanged" in cluster.kubectl("apply", "-n", ns, "-f", "-", input=cm % "1").stdout
+    assert "configured" in cluster.kubectl("apply", "-n", ns, "-f", "-", input=cm % "2").stdout
+    got = json.loads(cluster.kubectl("get", "cm", "app", "-n", ns, "-o", "json").stdout)
+    assert got["data"] == {"k": "2"}
+    assert "kubectl.kubernetes.io/last-applied-configuration" in got["metadata"]["annotations"]
+    # create of an existing object is AlreadyExists
+    p = cluster.kubectl("create", "-n", ns, "-f", "-", input=cm % "3", check=False)
+    assert p.returncode != 0 and "AlreadyExists" in p.stderr
+
+
+def test_server_side_apply(cluster: Cluster, ns: str) -> None:
+    cm = '{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"ssa"},"data":%s}'
+    out = cluster.kubectl("apply", "--server-side", "-n", ns, "-f", "-", input=cm % '{"a":"1","b":"2"}').stdout
+    assert "serverside-applied" in out
+    cluster.kubectl("apply", "--server-side", "-n", ns, "-f", "-", input=cm % '{"a":"9"}')
+    got = json.loads(cluster.kubectl("get", "cm", "ssa", "-n", ns, "-o", "json", "--show-managed-fields").stdout)
+    # a field the manager stopped applying is removed; the manager is recorded
+    assert got["data"] == {"a": "9"}
+    assert any(m["manager"] == "kubectl" and m["operation"] == "Apply" for m in got["metadata"]["managedFields"])
+
+
+def test_patch_merge_json_strategic(cluster: Cluster, ns: str) -> None:
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=POD.format(name="pp"))
+    cluster.kubectl("patch", "pod", "pp", "-n", ns, "-p",
+                    '{"spec":{"containers":[{"name":"main","image":"busybox:1.37"}]}}')
+    pod = json.loads(cluster.kubectl("get", "pod", "pp", "-n", ns, "-o", "json").stdout)
+    images = {c["name"]: c["image"] for c in pod["spec"]["containers"]}
+    assert images == {"main": "busybox:1.37", "side": "busybox:1.36"}  # strategic: merged by name
+    cluster.kubectl("patch", "pod", "pp", "-n", ns, "--type=merge", "-p", '{"metadata":{"labels":{"m":"1"}}}')
+    cluster.kubectl("patch", "pod", "pp", "-n", ns, "--type=json",
+                    "-p", '[{"op":"replace","path":"/metadata/labels/app","value":"api"}]')
+    labels = json.loads(cluster.kubectl("get", "pod", "pp", "-n", ns, "-o", "json").stdout)["metadata"]["labels"]
+    assert labels == {"app": "api", "m": "1"}
+    bad = cluster.kubectl("patch", "pod", "pp", "-n", ns, "--type=json",
+                          "-p", '[{"op":"test","path":"/metadata/name","value":"nope"}]', check=False)
+    assert bad.returncode != 0
+
+
+def test_label_and_selectors(cluster: Cluster, ns: str) -> None:
+    for n in ("a", "b"):
+        cluster.kubectl("create", "configmap", n, "-n", ns, "--from-literal=x=y")
+    cluster.kubectl("label", "configmap", "a", "-n", ns, "tier=db")
+    out = cluster.kubectl("get", "cm", "-n", ns, "-l", "tier=db", "-o", "name").stdout.split()
+    assert out == ["configmap/a"]
+    out = cluster.kubectl("get", "cm", "-n", ns, "-l", "tier!=db", "-o", "name").stdout.split()
+    assert "configmap/b" in out and "configmap/a" not in out
+    out = cluster.kubectl("get", "cm", "-n", ns, "--field-selector", "metadata.name=b", "-o", "name").stdout
+    assert out.split() == ["configmap/b"]
+
+
+def test_replace_with_stale_resource_version_conflicts(cluster: Cluster, ns: str) -> None:
+    cluster.kubectl("create", "configmap", "c", "-n", ns, "--from-literal=x=1")
+    obj = json.loads(cluster.kubectl("get", "cm", "c", "-n", ns, "-o", "json").stdout)
+    cluster.kubectl("label", "cm", "c", "-n", ns, "bump=1")
+    obj["data"]["x"] = "2"
+    p = cluster.kubectl("replace", "-n", ns, "-f", "-", input=json.dumps(obj), check=False)
+    assert p.returncode != 0 and "Conflict" in p.stderr and "the object has been modified" in p.stderr
+
+
+def test_delete(cluster: Cluster, ns: str) -> None:
+    cluster.kubectl("create", "configmap", "gone", "-n", ns)
+    assert 'deleted' in cluster.kubectl("delete", "cm", "gone", "-n", ns).stdout
+    p = cluster.kubectl("get", "cm", "gone", "-n", ns, check=False)
+    assert p.returncode != 0 and "NotFound" in p.stderr
+
+
+def test_get_watch(cluster: Cluster, ns: str) -> None:
+    import os
+
+    env = dict(os.environ, KUBECONFIG=str(cluster.kubeconfig), HOME=str(cluster.data_dir.parent))
+    w = subprocess.Popen([KUBECTL, "get", "cm", "-n", ns, "-w", "--request-timeout=0"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        time.sleep(1.5)
+        cluster.kubectl("create", "configmap", "watched", "-n", ns)
+        deadline = time.monotonic() + 15
+        seen = ""
+        assert w.stdout is not None
+        while time.monotonic() < deadline:
+            line = w.stdout.readline()
+            seen += line
+            if "watched" in line:
+                break
+        assert "watched" in seen
+    finally:
+        w.terminate()
+        w.wait(5)
+
+
+def test_auth_whoami_and_can_i(cluster: Cluster) -> None:
+    out = cluster.kubectl("auth", "whoami").stdout
+    assert "kplane-admin" in out and "system:masters" in out
+    assert cluster.kubectl("auth", "can-i", "delete", "nodes").stdout.strip() == "yes"
+    assert cluster.kubectl("auth", "can-i", "--list").returncode == 0
+
+
+def test_service_account_token_rbac_grant_and_revoke(cluster: Cluster, ns: str, tmp_path: pytest.TempPathFactory) -> None:
+    cluster.kubectl("create", "serviceaccount", "bot", "-n", ns)
+    token = cluster.kubectl("create", "token", "bot", "-n", ns, "--duration=10m").stdout.strip()
+    assert token.count(".") == 2
+    kc = cluster.token_kubeconfig(tmp_path / "bot.kubeconfig", token)  # type: ignore[operator]
+    me = cluster.kubectl("auth", "whoami", kubeconfig=kc).stdout
+    assert f"system:serviceaccount:{ns}:bot" in me
+    denied = cluster.kubectl("get", "pods", "-n", ns, kubeconfig=kc, check=False)
+    assert denied.returncode != 0 and "Forbidden" in denied.stderr
+    assert cluster.kubectl("auth", "can-i", "list", "pods", "-n", ns, kubeconfig=kc, check=False).stdout.strip() == "no"
+    cluster.kubectl("create", "role", "reader", "-n", ns, "--verb=get,list,watch", "--resource=pods")
+    cluster.kubectl("create", "rolebinding", "bot-reader", "-n", ns, "--role=reader", f"--serviceaccount={ns}:bot")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if cluster.kubectl("get", "pods", "-n", ns, kubeconfig=kc, check=False).returncode == 0:
+            break
+        time.sleep(0.1)
+    assert cluster.kubectl("auth", "can-i", "list", "pods", "-n", ns, kubeconfig=kc).stdout.strip() == "yes"
+    # the grant is namespaced: other namespaces stay forbidden
+    assert cluster.kubectl("get", "pods", "-n", "default", kubeconfig=kc, check=False).returncode != 0
+    cluster.kubectl("delete", "rolebinding", "bot-reader", "-n", ns)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if cluster.kubectl("get", "pods", "-n", ns, kubeconfig=kc, check=False).returncode != 0:
+            break
+        time.sleep(0.1)
+    assert cluster.kubectl("get", "pods", "-n", ns, kubeconfig=kc, check=False).returncode != 0
+    # deleting the service account invalidates its tokens
+    cluster.kubectl("delete", "serviceaccount", "bot", "-n", ns)
+    p = cluster.kubectl("auth", "whoami", kubeconfig=kc, check=False)
+    assert p.returncode != 0 and "Unauthorized" in p.stderr
+
+
+def test_namespace_deletion_removes_content(cluster: Cluster) -> None:
+    cluster.kubectl("create", "namespace", "doomed")
+    cluster.kubectl("create", "configmap", "c", "-n", "doomed")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the controllers fill a new namespace
+        if cluster.kubectl("get", "sa", "default", "-n", "doomed", check=False).returncode == 0:
+            break
+        time.sleep(0.1)
+    cluster.kubectl("get", "cm", "kube-root-ca.crt", "-n", "doomed")
+    cluster.kubectl("delete", "namespace", "doomed", "--timeout=30s")
+    p = cluster.kubectl("get", "namespace", "doomed", check=False)
+    assert p.returncode != 0 and "NotFound" in p.stderr
+    p = cluster.kubectl("delete", "namespace", "kube-system", check=False)
+    assert p.returncode != 0 and "Forbidden" in p.stderr
+
+
+def test_restart_keeps_data(tmp_path_factory: pytest.TempPathFactory) -> None:
+    base = tmp_path_factory.mktemp("restart")
+    c = Cluster(base / "data")
+    c.start()
+    try:
+        c.kubectl("create", "configmap", "durable", "--from-literal=k=v")
+    finally:
+        assert c.stop() == 0
+    c.start()
+    try:
+        got = json.loads(c.kubectl("get", "cm", "durable", "-o", "json").stdout)
+        assert got["data"] == {"k": "v"}
+    finally:
+        assert c.stop() == 0
