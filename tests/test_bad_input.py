@@ -61,7 +61,7 @@ def test_anonymous_sees_only_health_and_version(cluster: Cluster) -> None:
 
 def test_bad_token_is_401_even_with_anonymous_on(cluster: Cluster, admin: tuple[str, str]) -> None:
     assert_status(call(cluster, "GET", "/version", token="not-a-token"), 401, "Unauthorized")
-    assert_status(call(cluster, "GET", "/version", token="abcdef.0123456789abcdef"), 401)  # bootstrap shape
+    assert_status(call(cluster, "GET", "/version", token="qwerty.0123456789abcdef"), 401)  # bootstrap shape, no secret
     assert_status(call(cluster, "GET", "/version", token="a.b.c"), 401)  # JWT shape, garbage
     assert_status(call(cluster, "GET", "/version", headers={"Authorization": "Basic Zm9vOmJhcg=="}), 401)
     still_serving(cluster, admin)
@@ -230,3 +230,14 @@ def test_field_selector_on_name_lists_not_gets(cluster: Cluster, admin: tuple[st
     r = call(cluster, "GET", "/api/v1/namespaces?fieldSelector=metadata.name%3Ddefault", cert=admin)
     assert r.status_code == 200 and r.json()["kind"] == "NamespaceList"
     assert [i["metadata"]["name"] for i in r.json()["items"]] == ["default"]
+
+
+def test_watch_list_initial_events_then_bookmark(cluster: Cluster, admin: tuple[str, str]) -> None:
+    q = ("watch=true&sendInitialEvents=true&resourceVersionMatch=NotOlderThan&allowWatchBookmarks=true"
+         "&timeoutSeconds=1&fieldSelector=metadata.name%3Ddefault")
+    r = call(cluster, "GET", f"/api/v1/namespaces?{q}", cert=admin, stream=True)
+    lines = [json.loads(x) for x in r.iter_lines() if x]
+    assert [e["type"] for e in lines[:2]] == ["ADDED", "BOOKMARK"]
+    assert lines[0]["object"]["metadata"]["name"] == "default"
+    assert lines[1]["object"]["metadata"]["annotations"] == {"k8s.io/initial-events-end": "true"}
+

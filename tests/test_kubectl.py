@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -152,7 +153,7 @@ def test_service_account_token_rbac_grant_and_revoke(cluster: Cluster, ns: str, 
     cluster.kubectl("create", "serviceaccount", "bot", "-n", ns)
     token = cluster.kubectl("create", "token", "bot", "-n", ns, "--duration=10m").stdout.strip()
     assert token.count(".") == 2
-    kc = cluster.token_kubeconfig(tmp_path / "bot.kubeconfig", token)  # type: ignore[operator]
+    kc = cluster.token_kubeconfig(tmp_path / "bot.kubeconfig", token)
     me = cluster.kubectl("auth", "whoami", kubeconfig=kc).stdout
     assert f"system:serviceaccount:{ns}:bot" in me
     denied = cluster.kubectl("get", "pods", "-n", ns, kubeconfig=kc, check=False)
@@ -211,3 +212,63 @@ def test_restart_keeps_data(tmp_path_factory: pytest.TempPathFactory) -> None:
         assert got["data"] == {"k": "v"}
     finally:
         assert c.stop() == 0
+
+
+def test_explain(cluster: Cluster) -> None:
+    out = cluster.kubectl("explain", "pods.spec.containers").stdout
+    assert "FIELD: containers <[]Container>" in out and "image" in out
+
+
+def test_certificate_approve_and_deny(cluster: Cluster) -> None:
+    import base64
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bob")])).sign(key, hashes.SHA256())
+    pem = base64.b64encode(csr.public_bytes(serialization.Encoding.PEM)).decode()
+    for name in ("bob-a", "bob-d"):
+        cluster.kubectl("apply", "-f", "-", input=json.dumps({
+            "apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest", "metadata": {"name": name},
+            "spec": {"request": pem, "signerName": "kubernetes.io/kube-apiserver-client", "usages": ["client auth"]}}))
+    assert "Pending" in cluster.kubectl("get", "csr", "bob-a").stdout
+    cluster.kubectl("certificate", "approve", "bob-a")  # a protobuf PUT to .../approval
+    cluster.kubectl("certificate", "deny", "bob-d")
+    got = json.loads(cluster.kubectl("get", "csr", "bob-a", "-o", "json").stdout)
+    assert got["status"]["conditions"][0]["type"] == "Approved"
+    assert got["spec"]["username"] == "kplane-admin"  # the requestor is the caller, never the body
+    assert "Denied" in cluster.kubectl("get", "csr", "bob-d").stdout
+    p = cluster.kubectl("certificate", "deny", "bob-a", check=False)
+    assert p.returncode != 0 and "already Approved" in p.stderr
+
+
+def test_bootstrap_tokens(cluster: Cluster, tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    def secret(tid: str, sec: str, expires: datetime) -> str:
+        return json.dumps({
+            "apiVersion": "v1", "kind": "Secret", "type": "bootstrap.kubernetes.io/token",
+            "metadata": {"name": f"bootstrap-token-{tid}", "namespace": "kube-system"},
+            "stringData": {"token-id": tid, "token-secret": sec, "usage-bootstrap-authentication": "true",
+                           "expiration": expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                           "auth-extra-groups": "system:bootstrappers:kplane:default-node-token"}})
+
+    now = datetime.now(UTC)
+    cluster.kubectl("apply", "-f", "-", input=secret("abcdef", "0123456789abcdef", now + timedelta(hours=1)))
+    cluster.kubectl("apply", "-f", "-", input=secret("oldtok", "0123456789abcdef", now - timedelta(minutes=1)))
+    good = cluster.token_kubeconfig(tmp_path / "good", "abcdef.0123456789abcdef")
+    me = cluster.kubectl("auth", "whoami", "-o", "json", kubeconfig=good).stdout
+    info = json.loads(me)["status"]["userInfo"]
+    assert info["username"] == "system:bootstrap:abcdef"
+    assert "system:bootstrappers:kplane:default-node-token" in info["groups"]
+    # bootstrappers may create CSRs, nothing else
+    assert cluster.kubectl("auth", "can-i", "create", "csr", kubeconfig=good).stdout.strip() == "yes"
+    assert cluster.kubectl("auth", "can-i", "list", "secrets", "-A", kubeconfig=good, check=False).stdout.strip() == "no"
+    for bad in ("abcdef.0123456789abcdee", "oldtok.0123456789abcdef", "zzzzzz.0123456789abcdef"):
+        kc = cluster.token_kubeconfig(tmp_path / "bad", bad)
+        p = cluster.kubectl("auth", "whoami", kubeconfig=kc, check=False)
+        assert p.returncode != 0 and "Unauthorized" in p.stderr, bad
