@@ -28,7 +28,9 @@ class Cluster:
     data_dir: Path
     port: int = field(default_factory=free_port)
     extra_args: list[str] = field(default_factory=list)
+    node: bool = True
     proc: subprocess.Popen[bytes] | None = None
+    kubelet_port: int = field(default_factory=free_port)
 
     @property
     def url(self) -> str:
@@ -42,11 +44,17 @@ class Cluster:
     def pki(self) -> Path:
         return self.data_dir / "pki"
 
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir.parent / f"{self.data_dir.name}.log"
+
     def start(self, timeout: float = 30.0) -> None:
-        log = (self.data_dir.parent / f"{self.data_dir.name}.log").open("ab")
+        log = self.log_path.open("ab")
+        node_args = ["--kubelet-port", str(self.kubelet_port), "--pod-restart-backoff", "1"] if self.node else \
+            ["--no-node"]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kplane.cli", "up", "--data-dir", str(self.data_dir),
-             "--apiserver-port", str(self.port), "--bind-address", "127.0.0.1", *self.extra_args],
+             "--apiserver-port", str(self.port), "--bind-address", "127.0.0.1", *node_args, *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + timeout
@@ -58,20 +66,24 @@ class Cluster:
                 raise RuntimeError(f"kplane exited with {self.proc.returncode}")
             try:
                 with urllib.request.urlopen(f"{self.url}/readyz", context=ctx, timeout=1) as r:
-                    if r.status == 200 and self.kubeconfig.exists():
+                    if r.status == 200 and self.kubeconfig.exists() and (
+                            not self.node or "Ready\n" in self.log_path.read_text(errors="replace")):
                         return
             except OSError:
                 time.sleep(0.1)
         raise RuntimeError("kplane did not become ready")
 
-    def stop(self) -> int:
+    def stop(self, *, keep_pods: bool = False) -> int:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGINT)
         try:
-            return self.proc.wait(timeout=15)
+            rc = self.proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             raise
+        if not keep_pods:
+            stop_containers(self.data_dir)
+        return rc
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True, kubeconfig: Path | None = None,
                 env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -87,3 +99,22 @@ class Cluster:
 
         write_kubeconfig(path, server=self.url, ca_pem=(self.pki / "ca.crt").read_bytes(), token=token, user="tok")
         return path
+
+
+def stop_containers(data_dir: Path) -> None:
+    """Pods outlive the agent by design; tests must not leave their processes behind."""
+    import asyncio
+
+    from kplane.kubelet.runtime import ProcessRuntime
+
+    for root in data_dir.glob("node/*/containers"):
+        rt = ProcessRuntime(root)
+
+        async def stop_all(rt: ProcessRuntime = rt) -> None:
+            for cid in rt.list():
+                try:
+                    await rt.stop(cid, 0)
+                except Exception:
+                    rt.kill(cid)
+
+        asyncio.run(stop_all())

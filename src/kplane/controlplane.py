@@ -20,7 +20,11 @@ from kplane.apiserver.authz import Authorizer
 from kplane.apiserver.policy import bootstrap_objects
 from kplane.apiserver.server import APIServer, ServerOptions
 from kplane.client import APIClient
+from kplane.controllers.bootstrap import BootstrapSigner, TokenCleaner
+from kplane.controllers.certificates import CSRApprover, CSRSigner
 from kplane.controllers.core import NamespaceControllers
+from kplane.controllers.nodelifecycle import NodeLifecycle
+from kplane.controllers.scheduler import Scheduler
 from kplane.storage.base import KeyExists, KeyNotFound, Store
 from kplane.storage.sqlite import SQLiteStore
 
@@ -81,9 +85,11 @@ async def bootstrap(store: Store) -> None:
                    "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}
             with contextlib.suppress(KeyExists):
                 await store.create(key, obj)
-    for obj in bootstrap_objects():
-        plural = "clusterroles" if obj["kind"] == "ClusterRole" else "clusterrolebindings"
-        key = f"/registry/rbac.authorization.k8s.io/{plural}/{obj['metadata']['name']}"
+    for obj in [*bootstrap_objects(), *_cluster_info_rbac()]:
+        plural = {"ClusterRole": "clusterroles", "ClusterRoleBinding": "clusterrolebindings", "Role": "roles",
+                  "RoleBinding": "rolebindings"}[obj["kind"]]
+        ns = obj["metadata"].get("namespace")
+        key = f"/registry/rbac.authorization.k8s.io/{plural}/" + (f"{ns}/" if ns else "") + obj["metadata"]["name"]
         try:
             cur = await store.get(key)
         except KeyNotFound:
@@ -104,14 +110,29 @@ async def bootstrap(store: Store) -> None:
             await store.update(key, cur)
 
 
+def _cluster_info_rbac() -> list[dict[str, Any]]:
+    """Discovery for joining nodes: anonymous may get exactly kube-public/cluster-info (as kubeadm sets up)."""
+    name = "kplane:bootstrap-signer-clusterinfo"
+    meta_ = {"name": name, "namespace": "kube-public"}
+    return [
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": dict(meta_),
+         "rules": [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["cluster-info"],
+                    "verbs": ["get"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": dict(meta_),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "system:anonymous"}]},
+    ]
+
+
 class ControlPlane:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.store: Store | None = None
         self.server: APIServer | None = None
         self.runner: web.AppRunner | None = None
-        self.controllers: NamespaceControllers | None = None
+        self.controllers: list[Any] = []
         self.client: APIClient | None = None
+        self.scheduler_client: APIClient | None = None
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -138,14 +159,29 @@ class ControlPlane:
         self.client = APIClient(f"https://127.0.0.1:{cfg.port}", ca_file=cfg.pki_dir / "ca.crt",
                                 cert_file=cfg.pki_dir / "controller-manager.crt",
                                 key_file=cfg.pki_dir / "controller-manager.key")
-        self.controllers = NamespaceControllers(self.client, ca_pem)
-        self.controllers.start()
+        self.scheduler_client = APIClient(f"https://127.0.0.1:{cfg.port}", ca_file=cfg.pki_dir / "ca.crt",
+                                          cert_file=cfg.pki_dir / "scheduler.crt",
+                                          key_file=cfg.pki_dir / "scheduler.key")
+        ca = pki.load_pair(cfg.pki_dir / "ca.crt", cfg.pki_dir / "ca.key")
+        self.controllers = [
+            NamespaceControllers(self.client, ca_pem),
+            BootstrapSigner(self.client, server=cfg.url, ca_pem=ca_pem),
+            TokenCleaner(self.client),
+            CSRApprover(self.client),
+            CSRSigner(self.client, ca),
+            NodeLifecycle(self.client),
+            Scheduler(self.scheduler_client),
+        ]
+        for c in self.controllers:
+            c.start()
 
     async def stop(self) -> None:
-        if self.controllers:
-            await self.controllers.close()
-        if self.client:
-            await self.client.close()
+        for c in reversed(self.controllers):
+            with contextlib.suppress(Exception):
+                await c.close()
+        for cl in (self.client, self.scheduler_client):
+            if cl:
+                await cl.close()
         if self.server:
             await self.server.close()
             await self.server.authz.rbac.stop()
@@ -155,13 +191,52 @@ class ControlPlane:
             await self.store.close()
 
 
-async def run_forever(cfg: Config, stop: asyncio.Event) -> None:
+async def run_forever(cfg: Config, stop: asyncio.Event, *, node: dict[str, Any] | None = None) -> None:
     cp = ControlPlane(cfg)
     await cp.start()
     print(f"kplane: apiserver ready at {cfg.url}", flush=True)
-    print(f"kplane: export KUBECONFIG={cfg.data_dir / 'admin.kubeconfig'}", flush=True)
+    agent = None
     try:
+        if node is not None:
+            agent = await join_local_node(cfg, node, stop)
+        print(f"kplane: export KUBECONFIG={cfg.data_dir / 'admin.kubeconfig'}", flush=True)
         await stop.wait()
     finally:
+        if agent is not None:
+            await agent.stop()
         await cp.stop()
         print("kplane: stopped", flush=True)
+
+
+async def join_local_node(cfg: Config, node: dict[str, Any], stop: asyncio.Event) -> Any:
+    """Join one node the way any node joins: a bootstrap token, discovery pinned by the CA hash, TLS bootstrap,
+    all over HTTPS. A node that already has a valid certificate reuses it."""
+    from cryptography import x509
+
+    from kplane import bootstraptoken
+    from kplane.kubelet.agent import NodeAgent, NodeConfig
+
+    name = node["name"]
+    node_dir = cfg.data_dir / "node" / name
+    token = None
+    if not (node_dir / "pki" / "kubelet-client-current.pem").exists():
+        token = bootstraptoken.generate()
+        admin = APIClient(f"https://127.0.0.1:{cfg.port}", ca_file=cfg.pki_dir / "ca.crt",
+                          cert_file=cfg.pki_dir / "admin.crt", key_file=cfg.pki_dir / "admin.key")
+        try:
+            await admin.create("/api/v1/namespaces/kube-system/secrets", bootstraptoken.secret_for(
+                token, ttl_s=3600, description=f"kplane up: join of node {name}",
+                groups=["system:bootstrappers:kplane:default-node-token"]))
+        finally:
+            await admin.close()
+        print(f"kplane: node {name}: bootstrap token created, joining", flush=True)
+    ca_hash = pki.ca_cert_hash(x509.load_pem_x509_certificate((cfg.pki_dir / "ca.crt").read_bytes()))
+    agent = NodeAgent(NodeConfig(server=f"https://127.0.0.1:{cfg.port}", data_dir=node_dir, name=name, token=token,
+                                 ca_hash=ca_hash, node_ip=node.get("node_ip", "127.0.0.1"),
+                                 kubelet_port=int(node.get("kubelet_port", 10250)),
+                                 restart_backoff_s=float(node.get("restart_backoff_s", 10.0))))
+    await agent.start()
+    print(f"kplane: node {name}: registered with a certificate from TLS bootstrap", flush=True)
+    await agent.ready.wait()
+    print(f"kplane: node {name} Ready", flush=True)
+    return agent

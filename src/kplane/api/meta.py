@@ -91,6 +91,20 @@ def name_causes(name: Any, *, label: bool = False, field: str = "metadata.name")
     return []
 
 
+def segment_name_causes(name: Any, field: str = "metadata.name") -> list[Cause]:
+    """apimachinery ``path.IsValidPathSegmentName``: any name that is safe as one URL path segment."""
+    if not isinstance(name, str) or not name:
+        return [(field, "FieldValueRequired", "Required value: name or generateName is required")]
+    if name in (".", ".."):
+        return [(field, "FieldValueInvalid", f'Invalid value: "{name}": may not be \'{name}\'')]
+    for bad in ("/", "%"):
+        if bad in name:
+            return [(field, "FieldValueInvalid", f'Invalid value: "{name}": may not contain \'{bad}\'')]
+    if len(name) > 253:
+        return [(field, "FieldValueInvalid", "Invalid value: must be no more than 253 characters")]
+    return []
+
+
 def qualified_key_causes(key: Any, field: str) -> list[Cause]:
     if not isinstance(key, str) or not key:
         return [(field, "FieldValueInvalid", "Invalid value: name part must be non-empty")]

@@ -46,6 +46,7 @@ class Resource:
     default: Callable[[Obj], None] | None = None
     validate: Callable[[Obj], list[Cause]] | None = None
     label_name: bool = False  # metadata.name must be a DNS-1123 label (not a subdomain)
+    segment_name: bool = False  # metadata.name need only be a valid path segment (RBAC, CSRs: "system:node")
     field_selectors: set[str] = field(default_factory=set)
     has_status: bool = False
     virtual: bool = False  # create-only review kinds: nothing stored
@@ -601,26 +602,26 @@ RESOURCES: list[Resource] = [
     Resource(_RBAC, "v1", "Role", "roles", True, "V1Role",
              columns=[NAME_COL, Column("Created At", type="date")],
              cells=lambda o: [_name(o), o.get("metadata", {}).get("creationTimestamp", "")],
-             validate=lambda o: _rules_causes(o.get("rules"), "rules")),
+             validate=lambda o: _rules_causes(o.get("rules"), "rules"), segment_name=True),
     Resource(_RBAC, "v1", "ClusterRole", "clusterroles", False, "V1ClusterRole",
              columns=[NAME_COL, Column("Created At", type="date")],
              cells=lambda o: [_name(o), o.get("metadata", {}).get("creationTimestamp", "")],
-             validate=lambda o: _rules_causes(o.get("rules"), "rules")),
+             validate=lambda o: _rules_causes(o.get("rules"), "rules"), segment_name=True),
     Resource(_RBAC, "v1", "RoleBinding", "rolebindings", True, "V1RoleBinding",
              columns=[NAME_COL, Column("Role"), AGE_COL, Column("Users", priority=1), Column("Groups", priority=1),
                       Column("ServiceAccounts", priority=1)],
-             cells=_rolebinding_cells, validate=_binding_validate, default=_binding_default),
+             cells=_rolebinding_cells, validate=_binding_validate, default=_binding_default, segment_name=True),
     Resource(_RBAC, "v1", "ClusterRoleBinding", "clusterrolebindings", False, "V1ClusterRoleBinding",
              columns=[NAME_COL, Column("Role"), AGE_COL, Column("Users", priority=1), Column("Groups", priority=1),
                       Column("ServiceAccounts", priority=1)],
-             cells=_rolebinding_cells, validate=_binding_validate, default=_binding_default),
+             cells=_rolebinding_cells, validate=_binding_validate, default=_binding_default, segment_name=True),
     Resource("certificates.k8s.io", "v1", "CertificateSigningRequest", "certificatesigningrequests", False,
              "V1CertificateSigningRequest", short_names=["csr"],
              subresources={"status": ("CertificateSigningRequest", ["get", "patch", "update"]),
                            "approval": ("CertificateSigningRequest", ["get", "patch", "update"])},
              columns=[NAME_COL, AGE_COL, Column("SignerName"), Column("Requestor"), Column("RequestedDuration"),
                       Column("Condition")],
-             cells=_csr_cells, validate=_csr_validate, field_selectors={"spec.signerName"}, has_status=True),
+             cells=_csr_cells, validate=_csr_validate, field_selectors={"spec.signerName"}, has_status=True, segment_name=True),
     Resource("authentication.k8s.io", "v1", "TokenReview", "tokenreviews", False, "V1TokenReview",
              verbs=["create"], virtual=True),
     Resource("authentication.k8s.io", "v1", "SelfSubjectReview", "selfsubjectreviews", False,

@@ -482,7 +482,7 @@ class APIServer:
     def _validate(self, res: Resource, obj: Obj) -> None:
         md = obj.get("metadata", {})
         name = md.get("name", "")
-        causes = meta.name_causes(name, label=res.label_name)
+        causes = meta.segment_name_causes(name) if res.segment_name else meta.name_causes(name, label=res.label_name)
         causes += meta.metadata_causes(md)
         if res.validate:
             causes += res.validate(obj)
