@@ -588,8 +588,15 @@ class APIServer:
             if sub == "status":
                 base["status"] = new.get("status", {})
                 if res.kind == "CertificateSigningRequest":
+                    # /status sets the certificate and Failed conditions; Approved/Denied only via /approval
                     st = dict(old.get("status") or {})
-                    st.update({k: v for k, v in (new.get("status") or {}).items() if k != "conditions"})
+                    nst = new.get("status") or {}
+                    st.update({k: v for k, v in nst.items() if k != "conditions"})
+                    keep = [c for c in st.get("conditions") or [] if c.get("type") in ("Approved", "Denied")]
+                    rest = [c for c in nst.get("conditions") or [] if c.get("type") not in ("Approved", "Denied")]
+                    st["conditions"] = keep + rest
+                    if not st["conditions"]:
+                        del st["conditions"]
                     base["status"] = st
             elif sub == "approval":
                 st = dict(old.get("status") or {})

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from kplane.api import meta
@@ -48,8 +49,10 @@ def wanted_taint_key(node: Obj) -> str | None:
 
 
 class NodeLifecycle:
-    def __init__(self, client: APIClient, grace_s: float = 40, poll_s: float = 5) -> None:
+    def __init__(self, client: APIClient, grace_s: float = 40, poll_s: float = 5, *,
+                 only: Callable[[str], bool] | None = None) -> None:
         self.client = client
+        self.only = only  # restrict to some nodes (tests that share a cluster)
         self.grace_s = grace_s
         self.poll_s = poll_s
         self.stop = asyncio.Event()
@@ -111,6 +114,8 @@ class NodeLifecycle:
                 await asyncio.wait_for(self._dirty.wait(), min(self.poll_s, max(self.grace_s / 2, 0.2)))
             self._dirty.clear()
             for name in list(self._nodes):
+                if self.only is not None and not self.only(name):
+                    continue
                 try:
                     await self.reconcile(name)
                 except StatusError as err:
