@@ -24,6 +24,7 @@ test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
+	$(BIN)/python bench/startup_bench.py
 	$(BIN)/python bench/api_bench.py
 
 clean:
