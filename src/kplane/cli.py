@@ -23,6 +23,10 @@ def _server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-san", action="append", default=[], help="extra apiserver certificate SANs")
     p.add_argument("--anonymous-auth", choices=["true", "false"], default="true")
     p.add_argument("--token-auth-file", type=Path, default=None, help="static tokens (CSV token,user,uid,groups)")
+    p.add_argument("--kubelet-certificate-authority", type=Path, default=None,
+                   help="CA that signs kubelet serving certificates (default: the cluster CA)")
+    p.add_argument("--kubelet-insecure-tls", action="store_true",
+                   help="do not verify kubelet serving certificates (logged as a warning; not recommended)")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -108,7 +112,8 @@ def _up(args: argparse.Namespace, *, node: bool) -> Callable[[asyncio.Event], Aw
 
         cfg = Config(data_dir=args.data_dir.resolve(), port=args.apiserver_port, bind_address=args.bind_address,
                      advertise_address=args.advertise_address, extra_sans=args.tls_san,
-                     anonymous=args.anonymous_auth == "true", token_file=args.token_auth_file)
+                     anonymous=args.anonymous_auth == "true", token_file=args.token_auth_file,
+                     kubelet_ca=args.kubelet_certificate_authority, kubelet_insecure_tls=args.kubelet_insecure_tls)
         node_opts = None
         if node:
             node_opts = {"name": args.node_name or default_node_name(), "node_ip": args.node_ip,

@@ -42,6 +42,8 @@ class Config:
     extra_sans: list[str] = field(default_factory=list)
     anonymous: bool = True
     token_file: Path | None = None
+    kubelet_ca: Path | None = None  # default: the cluster CA (kubelet serving certs are signed by it)
+    kubelet_insecure_tls: bool = False
 
     @property
     def pki_dir(self) -> Path:
@@ -149,6 +151,12 @@ class ControlPlane:
         ca_pem = (cfg.pki_dir / "ca.crt").read_bytes()
         self.server = APIServer(store=self.store, authn=authn, authz=authz, sa_tokens=sa_tokens, ca_pem=ca_pem,
                                 options=opts)
+        from kplane.apiserver.kubelet import KubeletConnector
+
+        self.server.kubelets = KubeletConnector(
+            client_cert=cfg.pki_dir / "apiserver-kubelet-client.crt",
+            client_key=cfg.pki_dir / "apiserver-kubelet-client.key",
+            ca_file=None if cfg.kubelet_insecure_tls else (cfg.kubelet_ca or cfg.pki_dir / "ca.crt"))
         self.runner = web.AppRunner(self.server.make_app(), access_log=None, handle_signals=False,
                                     shutdown_timeout=2.0)
         await self.runner.setup()

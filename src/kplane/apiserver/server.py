@@ -112,6 +112,7 @@ class APIServer:
         self.ca_pem = ca_pem
         self.options = options
         self.admission = Admission(store)
+        self.kubelets: Any = None  # KubeletConnector, set by the control plane
         self.reviews = Reviews(self)
         self.started = time.monotonic()
         self._watchers: set[asyncio.Task[Any]] = set()
@@ -154,8 +155,11 @@ class APIServer:
         query = {k: v for k, v in req.query.items()}
         info = request.parse(req.method, req.path, query)
         user = await self._authenticate(req)
+        verb = info.verb
+        if info.resource == "pods" and info.subresource in ("exec", "attach", "portforward"):
+            verb = "create"  # a WebSocket upgrade is a GET, but it runs a command: never "get" permission
         attrs = Attributes(
-            user=user, verb=info.verb, resource_request=info.resource_request, path=req.path,
+            user=user, verb=verb, resource_request=info.resource_request, path=req.path,
             namespace=info.namespace, api_group=info.api_group, api_version=info.api_version,
             resource=info.resource, subresource=info.subresource, name=info.authz_name,
             field_selector=query.get("fieldSelector", ""),
@@ -274,7 +278,7 @@ class APIServer:
             name = info.namespace if not info.name or info.name == info.namespace else info.name
         m = req.method
         if sub in ("log", "exec", "attach", "portforward", "proxy"):
-            return await self._node_stream(res, ns, name, sub)
+            return await self._node_stream(req, res, ns, name, sub, query)
         if sub == "token" and m == "POST":
             body = await self._read_body(req)
             return json_response(await self.reviews.token_request(ns, name, body, user, query), 201)
@@ -319,11 +323,38 @@ class APIServer:
             return json_response(await self.delete(res, ns, name, body, user, query))
         raise StatusError(405, f"the server does not allow this method on the requested resource ({res.plural})")
 
-    async def _node_stream(self, res: Resource, ns: str, name: str, sub: str) -> web.StreamResponse:
+    async def _node_stream(self, req: web.Request, res: Resource, ns: str, name: str, sub: str,
+                           query: dict[str, str]) -> web.StreamResponse:
+        from kplane.apiserver import kubelet as kc
+
         obj = await self.get(res, ns, name)
-        if res.kind == "Pod" and not obj.get("spec", {}).get("nodeName"):
+        if res.kind != "Pod" or sub == "proxy":
+            raise StatusError(503, f"{res.plural}/{sub} is not implemented yet in kplane")
+        node_name = obj.get("spec", {}).get("nodeName")
+        if not node_name:
             raise StatusError(400, f"pod {name} does not have a host assigned")
-        raise StatusError(503, f"{res.plural}/{sub}: no route to the node's kubelet is configured in this server")
+        if self.kubelets is None:
+            raise StatusError(503, "this apiserver has no kubelet client configured")
+        try:
+            node = await self.store.get(f"/registry/core/nodes/{node_name}")
+        except KeyNotFound:
+            raise StatusError(503, f'node "{node_name}" of pod {name} does not exist') from None
+        target = kc.node_target(node)
+        q = dict(query)
+        if sub == "portforward":
+            q["__ports__"] = ",".join(p for v in req.query.getall("ports", []) for p in v.split(",") if p)
+            path = kc.kubelet_path(sub, ns, name, "", q)
+            return await kc.proxy_upgrade(self.kubelets, target, path, req)
+        container = kc.pick_container(obj, query.get("container", ""))
+        if sub == "exec":
+            commands = req.query.getall("command", [])
+            if not commands:
+                raise StatusError(400, "you must specify at least 1 command")
+            q["__commands__"] = "\x00".join(commands)
+        path = kc.kubelet_path(sub, ns, name, container, q)
+        if sub == "log":
+            return await kc.proxy_logs(self.kubelets, target, path, req)
+        return await kc.proxy_upgrade(self.kubelets, target, path, req)
 
     async def _read_body(self, req: web.Request, *, optional: bool = False) -> Obj:
         raw = await req.read()

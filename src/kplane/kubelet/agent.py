@@ -65,6 +65,7 @@ class NodeAgent:
         self.ready = asyncio.Event()
         self.pods: Any = None  # PodManager
         self.node_uid = ""
+        self.server: Any = None  # KubeletServer, started once the serving certificate is issued
 
     # --- credentials --------------------------------------------------------------------------------------
 
@@ -144,6 +145,8 @@ class NodeAgent:
         for t in self.tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        if self.server is not None:
+            await self.server.stop()
         if self.pods is not None:
             await self.pods.stop()
         if self.client is not None:
@@ -287,10 +290,21 @@ class NodeAgent:
         await old.close()
         log.info("node %s: client certificate rotated", self.cfg.name)
 
+    async def _serve(self) -> None:
+        """Start the kubelet's HTTPS server, or load a rotated serving certificate into it."""
+        from kplane.kubelet.server import KubeletServer
+
+        if self.server is None:
+            self.server = KubeletServer(self)
+            await self.server.start()
+        else:
+            self.server.reload_certificate()
+
     async def _serving_cert(self) -> None:
         """Request a kubelet-serving certificate for the node's own addresses (used by the kubelet server)."""
         while not self.stop_event.is_set():
             if tb.cert_valid(self.serving_pem):
+                await self._serve()
                 cert = x509.load_pem_x509_certificate(self.serving_pem.read_bytes())
                 wait = (tb.rotation_deadline(cert) - datetime.now(UTC)).total_seconds()
                 with contextlib.suppress(TimeoutError):

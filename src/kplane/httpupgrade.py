@@ -1,0 +1,85 @@
+"""Take over an aiohttp server connection after a ``101 Switching Protocols`` and use it as a raw byte stream.
+
+aiohttp delivers the bytes that follow an upgrade request to whatever parser ``set_parser`` installs (that is how
+its own WebSocket support works). :func:`hijack` installs a pass-through parser feeding an ``asyncio.StreamReader``
+and returns that reader with a writer that respects the transport's flow control. Used by the kubelet (SPDY
+streams) and by the apiserver (the byte pipe to a kubelet after its 101).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping
+
+from aiohttp import web
+
+READ_LIMIT = 1 << 20
+
+
+class _PassThrough:
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self.reader = reader
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        self.reader.feed_data(data)
+        return False, b""
+
+    def feed_eof(self) -> None:
+        self.reader.feed_eof()
+
+
+class RawWriter:
+    def __init__(self, request: web.Request) -> None:
+        transport = request.transport
+        assert transport is not None
+        self.transport = transport
+        self.protocol = request.protocol
+
+    def write(self, data: bytes) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self.transport.is_closing():
+            raise ConnectionResetError("connection closed")
+        helper = getattr(self.protocol, "_drain_helper", None)
+        if helper is not None:
+            await helper()
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+
+async def hijack(request: web.Request, headers: Mapping[str, str], *, reason: str = "Switching Protocols",
+                 ) -> tuple[web.StreamResponse, asyncio.StreamReader, RawWriter]:
+    """Send ``101`` with ``headers`` and return (response to return from the handler, reader, writer)."""
+    resp = web.StreamResponse(status=101, reason=reason)
+    for k, v in headers.items():
+        resp.headers[k] = v
+    resp.force_close()
+    await resp.prepare(request)
+    reader = asyncio.StreamReader(limit=READ_LIMIT)
+    request.protocol.set_parser(_PassThrough(reader))  # type: ignore[arg-type]
+    return resp, reader, RawWriter(request)
+
+
+async def pipe(reader: asyncio.StreamReader, write: RawWriter | asyncio.StreamWriter, *, chunk: int = 65536) -> None:
+    """Copy until EOF, honouring the destination's flow control."""
+    try:
+        while True:
+            data = await reader.read(chunk)
+            if not data:
+                break
+            write.write(data)
+            await write.drain()
+    except (ConnectionError, asyncio.IncompleteReadError, OSError):
+        pass
+    finally:
+        if isinstance(write, asyncio.StreamWriter):
+            with contextlib.suppress(OSError, RuntimeError):
+                if write.can_write_eof():
+                    write.write_eof()
