@@ -255,7 +255,7 @@ async def proxy_upgrade(connector: KubeletConnector, target: KubeletTarget, path
     up = asyncio.create_task(pipe(client_reader, writer))
     down = asyncio.create_task(pipe(reader, client_writer))
     try:
-        done, pending = await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
         if down in done:
             # the kubelet closed: nothing more can come back; stop reading from the client
             up.cancel()
