@@ -169,6 +169,14 @@ class APIServer:
         allowed, reason = await self.authz.authorize(attrs)
         if not allowed:
             msg = attrs.describe() + (f": {reason}" if reason else "")
+            if info.resource_request:  # upstream's shape: pods "x" is forbidden: User "u" cannot ...
+                gr = f"{info.resource}.{info.api_group}" if info.api_group else info.resource
+                if info.subresource:
+                    gr = f"{gr}/{info.subresource}" if not info.api_group else \
+                        f"{info.resource}.{info.api_group}/{info.subresource}"
+                msg = (f'{gr} "{info.name}" is forbidden: {msg}' if info.name else f"{gr} is forbidden: {msg}")
+            else:
+                msg = f"forbidden: {msg}"
             details: dict[str, Any] = {}
             if info.resource_request:
                 details = {"name": info.name, "group": info.api_group, "kind": info.resource}
