@@ -378,3 +378,39 @@ def test_agent_restart_leaves_pods_running(server: Cluster, tmp_path: Path) -> N
         except subprocess.TimeoutExpired:
             agent.kill()
         stop_containers(data)
+
+
+async def test_client_certificate_rotation_uses_selfnodeclient(server: Cluster, tmp_path: Path) -> None:
+    import random
+
+    from cryptography import x509
+
+    from kplane.kubelet import tlsbootstrap as tb
+    from kplane.kubelet.agent import NodeAgent, NodeConfig
+    from tests.cluster import free_port
+
+    token, ca_hash = token_create(server)
+    agent = NodeAgent(NodeConfig(server=server.url, data_dir=tmp_path / "rot", name="rotor", token=token,
+                                 ca_hash=ca_hash, kubelet_port=free_port()))
+    await agent.ensure_credentials()
+    agent.client = agent._node_client()
+    try:
+        first = x509.load_pem_x509_certificate(agent.client_pem.read_bytes())
+        await agent.rotate_client_now()
+        second = x509.load_pem_x509_certificate(agent.client_pem.read_bytes())
+        assert second.serial_number != first.serial_number
+        assert second.subject == first.subject
+        assert second.public_key().public_numbers() != first.public_key().public_numbers()  # a new key
+        me = await agent.client.create("/apis/authentication.k8s.io/v1/selfsubjectreviews",
+                                       {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"})
+        assert me["status"]["userInfo"]["username"] == "system:node:rotor"
+        csrs = (await agent.client.get("/apis/certificates.k8s.io/v1/certificatesigningrequests"))["items"]
+        renewal = [c for c in csrs if c["spec"]["username"] == "system:node:rotor"]
+        assert renewal and "self" in renewal[0]["status"]["conditions"][0]["message"]
+    finally:
+        await agent.client.close()
+    # the deadline falls at 70-90 % of the lifetime
+    life = second.not_valid_after_utc - second.not_valid_before_utc
+    for seed in range(50):
+        d = tb.rotation_deadline(second, rng=random.Random(seed)) - second.not_valid_before_utc
+        assert life * 0.7 <= d <= life * 0.9
