@@ -8,13 +8,21 @@ exit code: the shim, not the agent, is the container's parent and records ``exit
 from __future__ import annotations
 
 import asyncio
+import builtins
+import contextlib
+import errno
 import json
 import os
 import re
 import shutil
 import signal
+import socket
+import struct
+import subprocess
 import sys
 import time
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -22,14 +30,28 @@ from typing import Any, Literal
 
 import kplane
 from kplane.kubelet.crilog import parse_ts, rotated_files
-from kplane.kubelet.shim import proc_stat
+from kplane.kubelet.shim import (
+    FRAME_CLOSE_STDIN,
+    FRAME_HDR,
+    FRAME_RESIZE,
+    FRAME_STDERR,
+    FRAME_STDIN,
+    FRAME_STDOUT,
+    frame,
+    proc_stat,
+    set_winsize,
+    sock_path,
+)
 
 __all__ = [
+    "AttachSession",
     "ContainerExistsError",
     "ContainerNotFoundError",
+    "ContainerNotRunningError",
     "ContainerRunningError",
     "ContainerSpec",
     "ContainerState",
+    "ExecProcess",
     "ExitInfo",
     "ProcessRuntime",
     "validate_id",
@@ -53,6 +75,10 @@ class ContainerRunningError(RuntimeError):
     pass
 
 
+class ContainerNotRunningError(RuntimeError):
+    """exec/attach on a container that is not (or no longer) running."""
+
+
 def validate_id(container_id: str) -> str:
     if not isinstance(container_id, str) or not _ID_RE.match(container_id) or ".." in container_id:
         raise ValueError(f"invalid container id {container_id!r}")
@@ -67,8 +93,9 @@ class ContainerSpec:
     log_path: Path | None = None  # default: <state dir>/container.log
     log_max_bytes: int = 10 * 1024 * 1024
     log_max_files: int = 5
-    tty: bool = False
-    stdin: bool = False
+    tty: bool = False  # run on a pty (for ``kubectl attach -t``)
+    stdin: bool = False  # keep the container's stdin open for attach
+    stdin_once: bool = False  # close stdin when the first attached stdin client closes it/disconnects
 
     @classmethod
     def from_container(cls, command: list[str] | None, args: list[str] | None, **kw: Any) -> ContainerSpec:
@@ -148,6 +175,302 @@ def _pid_and_start(text: str | None) -> tuple[int | None, int | None]:
     return pid, st
 
 
+# --------------------------------------------------------------------------- exec / attach
+
+_READ_CHUNK = 1 << 16
+_ATTACH_BUF_MAX = 1 << 20  # per stream, bytes an AttachSession holds before it stops reading the socket
+
+# Runs as the last step before the exec'd command (after nsenter, if any): make the pty the controlling
+# terminal, chdir inside the container's mount namespace, exec with the container's PATH and report failures
+# the way runc does (kubectl prints stderr and exits with the code).
+_EXEC_HELPER = r"""
+import os, sys
+cwd, tty, argv = sys.argv[1], sys.argv[2] == "1", sys.argv[3:]
+def fail(code, what):
+    sys.stderr.write("OCI runtime exec failed: exec failed: unable to start container process: " + what + "\n")
+    sys.stderr.flush()
+    os._exit(code)
+if tty:
+    import fcntl, termios
+    try:
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    except OSError:
+        pass
+if cwd:
+    try:
+        os.chdir(cwd)
+    except OSError as e:
+        fail(128, "chdir to cwd (%r) set in config.json failed: %s" % (cwd, (e.strerror or str(e)).lower()))
+a0 = argv[0]
+try:
+    os.execvp(a0, argv)
+except FileNotFoundError as e:
+    if "/" in a0:
+        fail(127, 'exec: "%s": stat %s: no such file or directory' % (a0, a0))
+    fail(127, 'exec: "%s": executable file not found in $PATH' % a0)
+except PermissionError:
+    fail(126, 'exec: "%s": permission denied' % a0)
+except OSError as e:
+    fail(126, 'exec: "%s": %s' % (a0, (e.strerror or str(e)).lower()))
+"""
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class _FdEnd:
+    """Our non-blocking end of a pipe or pty; waiting is done with the loop's add_reader/add_writer."""
+
+    def __init__(self, fd: int, *, owned: bool = True) -> None:
+        self.fd = fd
+        self.owned = owned  # close the fd on close() (a shared pty master is closed by its ExecProcess)
+        self.closed = False
+        self._waiting: tuple[asyncio.AbstractEventLoop, asyncio.Future[None], bool] | None = None
+        os.set_blocking(fd, False)
+
+    async def _wait(self, writable: bool) -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        (loop.add_writer if writable else loop.add_reader)(self.fd, _wake, fut)
+        self._waiting = (loop, fut, writable)
+        try:
+            await fut
+        finally:
+            self._unwait()
+
+    def _unwait(self) -> None:
+        if self._waiting is not None:
+            loop, fut, writable = self._waiting
+            self._waiting = None
+            (loop.remove_writer if writable else loop.remove_reader)(self.fd)
+            _wake(fut)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._unwait()  # before the fd number can be reused
+            if self.owned:
+                with contextlib.suppress(OSError):
+                    os.close(self.fd)
+
+
+class _FdReader(_FdEnd):
+    """Pull-based reads: nothing is buffered here, so a process whose output is not read blocks on its
+    full pipe (back-pressure) instead of growing our memory."""
+
+    @property
+    def eof(self) -> bool:
+        return self.closed
+
+    async def read(self, n: int = _READ_CHUNK) -> bytes:
+        while not self.closed:
+            try:
+                data = os.read(self.fd, n)
+            except BlockingIOError:
+                await self._wait(False)
+                continue
+            except OSError as e:
+                if e.errno not in (errno.EIO, errno.EBADF):  # EIO: the pty's slave side is gone
+                    raise
+                data = b""
+            if data:
+                return data
+            self.close()
+        return b""
+
+
+class _FdWriter(_FdEnd):
+    async def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self.closed:
+                raise BrokenPipeError("stdin is closed")
+            try:
+                n = os.write(self.fd, view[:_READ_CHUNK])
+            except BlockingIOError:
+                await self._wait(True)
+                continue
+            except OSError as e:
+                if e.errno == errno.EIO:
+                    raise BrokenPipeError("terminal hung up") from e
+                raise
+            view = view[n:]
+
+
+def _exit_code(rc: int) -> int:
+    return 128 - rc if rc < 0 else rc
+
+
+class ExecProcess:
+    """A process started by :meth:`ProcessRuntime.exec`.  Read stdout and stderr concurrently with writing
+    stdin (e.g. in separate tasks); reads return b"" at EOF (stderr is always b"" with a tty)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, *, tty: bool, stdout: _FdReader,
+                 stderr: _FdReader | None, stdin: _FdWriter | None, pty_fd: int | None) -> None:
+        self._proc = proc
+        self.tty = tty
+        self.pid = proc.pid
+        self._stdout = stdout
+        self._stderr = stderr
+        self._stdin = stdin
+        self._pty_fd = pty_fd
+
+    async def write_stdin(self, data: bytes) -> None:
+        if self._stdin is None:
+            raise RuntimeError("exec was started without stdin")
+        await self._stdin.write(data)
+
+    async def close_stdin(self) -> None:
+        if self._stdin is None or self._stdin.closed:
+            return
+        if self.tty:
+            with contextlib.suppress(OSError):
+                await self._stdin.write(b"\x04")  # a pty cannot be half-closed: send EOF (^D)
+        self._stdin.close()
+
+    async def read_stdout(self) -> bytes:
+        data = await self._stdout.read()
+        if not data and self._pty_fd is not None:
+            self._close_pty()  # the terminal hung up: nothing more to read or write
+        return data
+
+    async def read_stderr(self) -> bytes:
+        return b"" if self._stderr is None else await self._stderr.read()
+
+    def _close_pty(self) -> None:
+        if self._pty_fd is None:
+            return
+        fd, self._pty_fd = self._pty_fd, None
+        self._stdout.close()
+        if self._stdin is not None:
+            self._stdin.close()
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+    def resize(self, width: int, height: int) -> None:
+        if self._pty_fd is not None:
+            with contextlib.suppress(OSError):
+                set_winsize(self._pty_fd, width, height)
+
+    async def wait(self) -> int:
+        """Exit code; 128+N if killed by signal N."""
+        return _exit_code(await self._proc.wait())
+
+    @property
+    def returncode(self) -> int | None:
+        rc = self._proc.returncode
+        return None if rc is None else _exit_code(rc)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the exec'd process group (it runs in its own session)."""
+        if self._proc.returncode is not None:
+            return
+        try:
+            os.killpg(self._proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(sig)
+
+    def close(self) -> None:
+        """Release our ends of the process's stdio (does not kill it)."""
+        self._close_pty()
+        if self._stdin is not None:
+            self._stdin.close()
+        if self._stderr is not None:
+            self._stderr.close()
+        self._stdout.close()
+
+
+class AttachSession:
+    """A connection to a container's main process stdio via its shim (``attach.sock``).  Output is the
+    container's from the moment of attaching; reads return b"" once the container has exited."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, tty: bool,
+                 stdin: bool) -> None:
+        self.tty = tty
+        self.stdin = stdin
+        self._reader = reader
+        self._writer = writer
+        self._bufs: dict[int, deque[bytes]] = {FRAME_STDOUT: deque(), FRAME_STDERR: deque()}
+        self._sizes = {FRAME_STDOUT: 0, FRAME_STDERR: 0}
+        self._data = {FRAME_STDOUT: asyncio.Event(), FRAME_STDERR: asyncio.Event()}
+        self._space = {FRAME_STDOUT: asyncio.Event(), FRAME_STDERR: asyncio.Event()}
+        self._eof = False
+        self._stdin_closed = not stdin
+        self._pump = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                kind, n = FRAME_HDR.unpack(await self._reader.readexactly(FRAME_HDR.size))
+                data = await self._reader.readexactly(n) if n else b""
+                if kind not in self._bufs or not data:
+                    continue
+                while self._sizes[kind] >= _ATTACH_BUF_MAX:  # consumer is behind: stop reading the socket
+                    self._space[kind].clear()
+                    await self._space[kind].wait()
+                self._bufs[kind].append(data)
+                self._sizes[kind] += len(data)
+                self._data[kind].set()
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        finally:
+            self._eof = True
+            for ev in self._data.values():
+                ev.set()
+
+    async def _read(self, kind: int) -> bytes:
+        buf = self._bufs[kind]
+        while not buf and not self._eof:
+            self._data[kind].clear()
+            await self._data[kind].wait()
+        if not buf:
+            return b""
+        data = buf.popleft()
+        self._sizes[kind] -= len(data)
+        self._space[kind].set()
+        return data
+
+    async def read_stdout(self) -> bytes:
+        return await self._read(FRAME_STDOUT)
+
+    async def read_stderr(self) -> bytes:
+        if self.tty:
+            return b""
+        return await self._read(FRAME_STDERR)
+
+    async def write_stdin(self, data: bytes) -> None:
+        if not self.stdin:
+            raise RuntimeError("attached without stdin")
+        if self._stdin_closed:
+            raise BrokenPipeError("stdin is closed")
+        for i in range(0, len(data), _READ_CHUNK):
+            self._writer.write(frame(FRAME_STDIN, data[i:i + _READ_CHUNK]))
+            await self._writer.drain()
+
+    async def close_stdin(self) -> None:
+        if self._stdin_closed:
+            return
+        self._stdin_closed = True
+        with contextlib.suppress(ConnectionError, OSError):
+            self._writer.write(frame(FRAME_CLOSE_STDIN))
+            await self._writer.drain()
+
+    def resize(self, width: int, height: int) -> None:
+        if self._writer.is_closing():
+            return
+        self._writer.write(frame(FRAME_RESIZE, struct.pack(">HH", width & 0xFFFF, height & 0xFFFF)))
+
+    def close(self) -> None:
+        """Detach (the container keeps running)."""
+        self._pump.cancel()
+        self._writer.close()
+
+
 class ProcessRuntime:
     def __init__(self, root: Path | str, *, start_timeout: float = 10.0) -> None:
         self.root = Path(root).resolve()
@@ -203,6 +526,7 @@ class ProcessRuntime:
             "log_max_files": int(spec.log_max_files),
             "tty": bool(spec.tty),
             "stdin": bool(spec.stdin),
+            "stdin_once": bool(spec.stdin_once),
         }
         tmp = d / ".spec.json.tmp"
         tmp.write_text(json.dumps(doc))
@@ -366,3 +690,115 @@ class ProcessRuntime:
             for p in [*rotated_files(log), log]:
                 p.unlink(missing_ok=True)
         shutil.rmtree(d, ignore_errors=True)
+
+    # ----------------------------------------------------------------- exec / attach
+    async def _running(self, container_id: str) -> ContainerState:
+        st = self.status(container_id)
+        deadline = time.monotonic() + self.start_timeout
+        while st.state == "created" and time.monotonic() < deadline:  # the shim is about to publish the pid
+            await asyncio.sleep(_POLL_S)
+            st = self.status(container_id)
+        if st.state == "unknown":
+            raise ContainerNotFoundError(container_id)
+        if st.state != "running" or st.pid is None:
+            raise ContainerNotRunningError(f"container {container_id!r} is not running")
+        return st
+
+    @staticmethod
+    def _nsenter_prefix(pid: int) -> builtins.list[str]:
+        """``nsenter`` argv to join the container's mount namespace, if it has its own (and we are root)."""
+        if os.geteuid() != 0:
+            return []
+        try:
+            theirs = os.readlink(f"/proc/{pid}/ns/mnt")
+            ours = os.readlink("/proc/self/ns/mnt")
+        except OSError:
+            return []
+        if theirs == ours:
+            return []
+        nsenter = shutil.which("nsenter")
+        if nsenter is None:
+            raise RuntimeError("the container has its own mount namespace, but nsenter (util-linux) is not installed")
+        return [nsenter, f"--target={pid}", "--mount", "--"]
+
+    async def exec(self, container_id: str, argv: Sequence[str], *, tty: bool, stdin: bool) -> ExecProcess:
+        """Run ``argv`` in the running container: its env and cwd, inside its mount namespace (as root).
+
+        A missing executable is not an error here: the process exits 127 (126 if not executable) with
+        runc's message on stderr, as ``kubectl exec`` expects."""
+        if not argv:
+            raise ValueError("empty command")
+        st = await self._running(container_id)
+        assert st.pid is not None
+        spec = self._spec(container_id) or {}
+        env = {str(k): str(v) for k, v in (spec.get("env") or {}).items()}
+        env.setdefault("PATH", DEFAULT_PATH)
+        if tty:
+            env.setdefault("TERM", "xterm")
+        cwd = spec.get("cwd") or ""
+        prefix = self._nsenter_prefix(st.pid)
+        cmd = [*prefix, sys.executable, "-I", "-S", "-c", _EXEC_HELPER, cwd, "1" if tty else "0",
+               *[str(a) for a in argv]]
+        parent: builtins.list[int] = []
+        child: builtins.list[int] = []
+        try:
+            if tty:
+                master, slave = os.openpty()
+                parent.append(master)
+                child.append(slave)
+                fds: tuple[Any, Any, Any] = (slave, slave, slave)
+            else:
+                out_r, out_w = os.pipe()
+                err_r, err_w = os.pipe()
+                parent += [out_r, err_r]
+                child += [out_w, err_w]
+                in_fd: Any = subprocess.DEVNULL
+                if stdin:
+                    in_r, in_w = os.pipe()
+                    parent.append(in_w)
+                    child.append(in_r)
+                    in_fd = in_r
+                fds = (in_fd, out_w, err_w)
+            proc = await asyncio.create_subprocess_exec(
+                *cmd, stdin=fds[0], stdout=fds[1], stderr=fds[2], env=env, cwd="/",
+                start_new_session=True, close_fds=True)
+        except BaseException:
+            for fd in parent:
+                os.close(fd)
+            raise
+        finally:
+            for fd in child:
+                os.close(fd)
+        if tty:
+            return ExecProcess(proc, tty=True, stdout=_FdReader(parent[0], owned=False), stderr=None,
+                               stdin=_FdWriter(parent[0], owned=False) if stdin else None, pty_fd=parent[0])
+        return ExecProcess(proc, tty=False, stdout=_FdReader(parent[0]), stderr=_FdReader(parent[1]),
+                           stdin=_FdWriter(parent[2]) if stdin else None, pty_fd=None)
+
+    async def attach(self, container_id: str, *, stdin: bool) -> AttachSession:
+        """Attach to the main process's stdio through its shim (works for containers started by an earlier
+        agent process too)."""
+        await self._running(container_id)
+        d = self.state_dir(container_id)
+        spec = self._spec(container_id) or {}
+        if stdin and not spec.get("stdin"):
+            raise ValueError(f"container {container_id!r} was not started with stdin")
+        addr, dfd = sock_path(d)
+        try:
+            reader, writer = await asyncio.open_unix_connection(addr)
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            if self.status(container_id).running:
+                raise RuntimeError(f"container {container_id!r} does not accept attach: {e}") from e
+            raise ContainerNotRunningError(f"container {container_id!r} is not running") from e
+        finally:
+            if dfd is not None:
+                os.close(dfd)
+        sock = writer.get_extra_info("socket")
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 18)
+        session = AttachSession(reader, writer, tty=bool(spec.get("tty")), stdin=stdin)
+        if stdin:
+            writer.write(frame(FRAME_STDIN))  # announce a stdin client (stdinOnce closes stdin when it leaves)
+            await writer.drain()
+        return session
