@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from aiohttp import web
 
 READ_LIMIT = 1 << 20
+UPGRADE_RESPONSE = "kplane.upgrade_response"
 
 
 class _PassThrough:
@@ -53,17 +54,26 @@ class RawWriter:
     def is_closing(self) -> bool:
         return self.transport.is_closing()
 
+    async def wait_closed(self) -> None:
+        return None
+
 
 async def hijack(request: web.Request, headers: Mapping[str, str], *, reason: str = "Switching Protocols",
-                 ) -> tuple[web.StreamResponse, asyncio.StreamReader, RawWriter]:
-    """Send ``101`` with ``headers`` and return (response to return from the handler, reader, writer)."""
+                 limit: int = READ_LIMIT) -> tuple[web.StreamResponse, asyncio.StreamReader, RawWriter]:
+    """Send ``101`` with ``headers`` and return (response to return from the handler, reader, writer).
+
+    The handler must return that response (also kept as ``request[UPGRADE_RESPONSE]``) once it is done with the
+    connection, so aiohttp writes nothing more on it."""
     resp = web.StreamResponse(status=101, reason=reason)
     for k, v in headers.items():
         resp.headers[k] = v
     resp.force_close()
     await resp.prepare(request)
-    reader = asyncio.StreamReader(limit=READ_LIMIT)
+    reader = asyncio.StreamReader(limit=limit)
+    if request.transport is not None:
+        reader.set_transport(request.transport)  # the reader pauses the socket when its buffer is full
     request.protocol.set_parser(_PassThrough(reader))  # type: ignore[arg-type]
+    request[UPGRADE_RESPONSE] = resp
     return resp, reader, RawWriter(request)
 
 
