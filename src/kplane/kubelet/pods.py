@@ -408,7 +408,8 @@ class PodManager:
             for m in mounts:
                 key = re.sub(r"[^A-Za-z0-9]", "_", m["target"]).strip("_").upper()
                 env[f"KPLANE_MOUNT_{key}"] = m["source"]
-        return ContainerSpec(argv=argv, env=env, cwd=c.get("workingDir") or None)
+        return ContainerSpec(argv=argv, env=env, cwd=c.get("workingDir") or None, stdin=bool(c.get("stdin")),
+                             stdin_once=bool(c.get("stdinOnce")), tty=bool(c.get("tty")))
 
     def _state_of(self, cid: str) -> Obj | None:
         """The container's state in the API's shape, from the runtime's on-disk record."""

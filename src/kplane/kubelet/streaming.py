@@ -190,9 +190,9 @@ async def bridge_attach(runtime: Any, cid: str, sess: Any, *, tty: bool) -> None
     if not tty:
         outs.append(asyncio.create_task(_pump_out(att.read_stderr, sess.write_stderr)))
     gone = asyncio.create_task(sess.disconnected.wait())
+    all_out: asyncio.Future[Any] = asyncio.gather(*outs, return_exceptions=True)
     try:
-        all_out = asyncio.gather(*outs)
-        await asyncio.wait({asyncio.ensure_future(all_out), gone}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({all_out, gone}, return_when=asyncio.FIRST_COMPLETED)
         if not gone.done():
             st = runtime.status(cid)
             code = st.exit.exit_code if st.exit is not None else 0
@@ -200,6 +200,9 @@ async def bridge_attach(runtime: Any, cid: str, sess: Any, *, tty: bool) -> None
     finally:
         for t in (*aux, *outs, gone):
             t.cancel()
+        all_out.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await all_out
         with contextlib.suppress(Exception):
             await att.close()
 
