@@ -26,6 +26,7 @@ test: $(STAMP) lint
 bench: $(STAMP)
 	$(BIN)/python bench/startup_bench.py
 	$(BIN)/python bench/api_bench.py
+	$(BIN)/python bench/stream_bench.py
 
 clean:
 	rm -rf $(VENV) .kplane build *.egg-info src/*.egg-info
