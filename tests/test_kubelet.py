@@ -236,3 +236,63 @@ def test_node_cert_cannot_be_used_as_kubelet_client_for_other_paths(cluster: Clu
     r = requests.get(kubelet_url(cluster, "/pods"), cert=node_cert(cluster), verify=str(cluster.pki / "ca.crt"),
                      timeout=10)
     assert r.status_code == 403
+
+
+class RedirectingKubelet(RogueKubelet):
+    """A kubelet with a valid (cluster-CA-signed) certificate that answers upgrades with a redirect."""
+
+    def __init__(self, tmp: Path, cluster: Cluster, target_port: int) -> None:
+        super().__init__(tmp)
+        ca = pki.load_pair(cluster.pki / "ca.crt", cluster.pki / "ca.key")
+        pair = pki.issue(ca, common_name="system:node:redirector", organizations=["system:nodes"], server=True,
+                         ips=["127.0.0.1"])
+        pki.save_pair(pair, tmp / "redir.crt", tmp / "redir.key")
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(tmp / "redir.crt", tmp / "redir.key")
+        self.target_port = target_port
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            data = await reader.readuntil(b"\r\n\r\n")
+            self.requests.append(data)
+            writer.write(f"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:{self.target_port}/steal\r\n"
+                         "Content-Length: 0\r\n\r\n".encode())
+            await writer.drain()
+        except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+def test_upgrade_redirects_from_a_kubelet_are_not_followed(cluster: Cluster, ns: str, tmp_path: Path) -> None:
+    import socket
+
+    bait = socket.socket()
+    bait.bind(("127.0.0.1", 0))
+    bait.listen(4)
+    bait.settimeout(0.2)
+    admin = (str(cluster.pki / "admin.crt"), str(cluster.pki / "admin.key"))
+    ca = str(cluster.pki / "ca.crt")
+    with RedirectingKubelet(tmp_path, cluster, bait.getsockname()[1]) as redir:
+        name = f"redir-{ns}"[:60]
+        requests.post(cluster.url + "/api/v1/nodes", json={"apiVersion": "v1", "kind": "Node",
+                                                           "metadata": {"name": name}},
+                      cert=admin, verify=ca, timeout=10)
+        try:
+            cur = requests.get(cluster.url + f"/api/v1/nodes/{name}", cert=admin, verify=ca, timeout=10).json()
+            cur["status"] = {"addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+                             "daemonEndpoints": {"kubeletEndpoint": {"Port": redir.port}}}
+            requests.put(cluster.url + f"/api/v1/nodes/{name}/status", json=cur, cert=admin, verify=ca, timeout=10)
+            body = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "redirected"},
+                    "spec": {"nodeName": name, "containers": [{"name": "c", "image": "x", "command": ["x"]}]}}
+            cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(body))
+            for env in ({}, {"KUBECTL_REMOTE_COMMAND_WEBSOCKETS": "false"}):
+                p = cluster.kubectl("exec", "redirected", "-n", ns, "--", "id", env=env, check=False)
+                assert p.returncode != 0 and "redirect" in p.stderr, p.stderr
+            assert any(b"/exec/" in r for r in redir.requests)  # the kubelet was reached, with a verified cert
+            with pytest.raises(TimeoutError):
+                bait.accept()  # ... and its Location was never followed
+        finally:
+            cluster.kubectl("delete", "pod", "redirected", "-n", ns, "--grace-period=0", "--force", check=False)
+            requests.delete(cluster.url + f"/api/v1/nodes/{name}", cert=admin, verify=ca, timeout=10)
+            bait.close()
