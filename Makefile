@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench install clean
+.PHONY: run test lint bench install clean deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,7 +20,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 
-test: $(STAMP) lint
+# Debian packages the root-only tests use (iproute2, nftables, openssh-server, etcd-server)
+deps:
+	scripts/debian-deps.sh
+
+test: $(STAMP) deps lint
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
