@@ -54,7 +54,7 @@ class Cluster:
             ["--no-node"]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kplane.cli", "up", "--data-dir", str(self.data_dir),
-             "--apiserver-port", str(self.port), "--bind-address", "127.0.0.1", *node_args, *self.extra_args],
+             "--apiserver-port", str(self.port), *node_args, *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + timeout

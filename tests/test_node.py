@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -283,7 +284,9 @@ def token_create(server: Cluster, ttl: str = "1h") -> tuple[str, str]:
     out = subprocess.run([sys.executable, "-m", "kplane.cli", "token", "create", "--data-dir", str(server.data_dir),
                           "--ttl", ttl], capture_output=True, text=True, check=True).stdout.splitlines()
     token, join = out[0], out[1]
-    assert join.startswith(f"kplane agent --server {server.url} --token {token} --discovery-token-ca-cert-hash sha256:")
+    # the join line names the advertised address (the default-route interface's, as upstream), on the same port
+    assert re.fullmatch(rf"kplane agent --server https://[0-9.]+:{server.port} --token {token} "
+                        r"--discovery-token-ca-cert-hash sha256:[0-9a-f]{64}", join), join
     return token, join.split()[-1]
 
 

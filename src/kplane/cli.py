@@ -19,7 +19,8 @@ def _server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, default=Path(".kplane"), help="state, PKI and kubeconfigs")
     p.add_argument("--apiserver-port", type=int, default=6443)
     p.add_argument("--bind-address", default="0.0.0.0")
-    p.add_argument("--advertise-address", default="127.0.0.1")
+    p.add_argument("--advertise-address", default=None,
+                   help="address pods and nodes use to reach the apiserver (default: the default-route interface's)")
     p.add_argument("--tls-san", action="append", default=[], help="extra apiserver certificate SANs")
     p.add_argument("--anonymous-auth", choices=["true", "false"], default="true")
     p.add_argument("--token-auth-file", type=Path, default=None, help="static tokens (CSV token,user,uid,groups)")
@@ -27,12 +28,18 @@ def _server_args(p: argparse.ArgumentParser) -> None:
                    help="CA that signs kubelet serving certificates (default: the cluster CA)")
     p.add_argument("--kubelet-insecure-tls", action="store_true",
                    help="do not verify kubelet serving certificates (logged as a warning; not recommended)")
+    p.add_argument("--service-cluster-ip-range", default="10.96.0.0/12",
+                   help="CIDR the ClusterIPs of Services are allocated from (the first is the kubernetes Service)")
+    p.add_argument("--cluster-cidr", default="10.244.0.0/16", help="CIDR the nodes' podCIDRs are carved from")
+    p.add_argument("--node-cidr-mask-size", type=int, default=24, help="prefix length of each node's podCIDR")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
 def _node_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--node-name", default=None, help="default: this host's name")
-    p.add_argument("--node-ip", default="127.0.0.1")
+    p.add_argument("--node-ip", default=None, help="the node's InternalIP (default: the default-route interface's)")
+    p.add_argument("--pod-network", choices=["auto", "host"], default="auto",
+                   help="auto: each pod in its own network namespace when running as root; host: host network")
     p.add_argument("--kubelet-port", type=int, default=10250)
     p.add_argument("--pod-restart-backoff", type=float, default=10.0,
                    help="first crash-loop back-off in seconds (doubles up to 300)")
@@ -109,15 +116,19 @@ def parse_duration(text: str) -> int:
 def _up(args: argparse.Namespace, *, node: bool) -> Callable[[asyncio.Event], Awaitable[int]]:
     async def go(stop: asyncio.Event) -> int:
         from kplane.controlplane import Config, run_forever
+        from kplane.netutil import default_ipv4
 
         cfg = Config(data_dir=args.data_dir.resolve(), port=args.apiserver_port, bind_address=args.bind_address,
-                     advertise_address=args.advertise_address, extra_sans=args.tls_san,
+                     advertise_address=args.advertise_address or default_ipv4(), extra_sans=args.tls_san,
                      anonymous=args.anonymous_auth == "true", token_file=args.token_auth_file,
-                     kubelet_ca=args.kubelet_certificate_authority, kubelet_insecure_tls=args.kubelet_insecure_tls)
+                     kubelet_ca=args.kubelet_certificate_authority, kubelet_insecure_tls=args.kubelet_insecure_tls,
+                     service_cidr=args.service_cluster_ip_range, cluster_cidr=args.cluster_cidr,
+                     node_cidr_mask_size=args.node_cidr_mask_size)
         node_opts = None
         if node:
-            node_opts = {"name": args.node_name or default_node_name(), "node_ip": args.node_ip,
-                         "kubelet_port": args.kubelet_port, "restart_backoff_s": args.pod_restart_backoff}
+            node_opts = {"name": args.node_name or default_node_name(), "node_ip": args.node_ip or default_ipv4(),
+                         "kubelet_port": args.kubelet_port, "restart_backoff_s": args.pod_restart_backoff,
+                         "pod_network": args.pod_network}
         await run_forever(cfg, stop, node=node_opts)
         return 0
 
@@ -127,12 +138,13 @@ def _up(args: argparse.Namespace, *, node: bool) -> Callable[[asyncio.Event], Aw
 def _agent(args: argparse.Namespace) -> Callable[[asyncio.Event], Awaitable[int]]:
     async def go(stop: asyncio.Event) -> int:
         from kplane.kubelet.agent import NodeAgent, NodeConfig
+        from kplane.netutil import default_ipv4
 
         name = args.node_name or default_node_name()
         cfg = NodeConfig(server=args.server, data_dir=(args.data_dir / "node" / name).resolve(), name=name,
-                         token=args.token, ca_hash=args.ca_hash, node_ip=args.node_ip,
+                         token=args.token, ca_hash=args.ca_hash, node_ip=args.node_ip or default_ipv4(),
                          kubelet_port=args.kubelet_port, restart_backoff_s=args.pod_restart_backoff,
-                         discovery_timeout_s=args.discovery_timeout)
+                         discovery_timeout_s=args.discovery_timeout, pod_network=args.pod_network)
         agent = NodeAgent(cfg)
         await agent.start()
         print(f"kplane: node {name} joined {args.server}", flush=True)

@@ -44,6 +44,9 @@ class Config:
     token_file: Path | None = None
     kubelet_ca: Path | None = None  # default: the cluster CA (kubelet serving certs are signed by it)
     kubelet_insecure_tls: bool = False
+    service_cidr: str = "10.96.0.0/12"  # Services' ClusterIPs; the first address is the kubernetes Service
+    cluster_cidr: str = "10.244.0.0/16"  # node IPAM carves each node's podCIDR from it
+    node_cidr_mask_size: int = 24
 
     @property
     def pki_dir(self) -> Path:
@@ -242,7 +245,8 @@ async def join_local_node(cfg: Config, node: dict[str, Any], stop: asyncio.Event
     agent = NodeAgent(NodeConfig(server=f"https://127.0.0.1:{cfg.port}", data_dir=node_dir, name=name, token=token,
                                  ca_hash=ca_hash, node_ip=node.get("node_ip", "127.0.0.1"),
                                  kubelet_port=int(node.get("kubelet_port", 10250)),
-                                 restart_backoff_s=float(node.get("restart_backoff_s", 10.0))))
+                                 restart_backoff_s=float(node.get("restart_backoff_s", 10.0)),
+                                 pod_network=str(node.get("pod_network", "auto"))))
     await agent.start()
     print(f"kplane: node {name}: registered with a certificate from TLS bootstrap", flush=True)
     await agent.ready.wait()

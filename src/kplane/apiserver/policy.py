@@ -135,6 +135,8 @@ CLUSTER_ROLE_BINDINGS: dict[str, tuple[str, list[dict[str, str]]]] = {
     "kplane:node-autoapprove-certificate-rotation": (
         "system:certificates.k8s.io:certificatesigningrequests:selfnodeclient",
         [{"kind": "Group", "name": "system:nodes"}]),
+    # kube-proxy runs inside the node agent with the node's identity (kubeadm gives it a service account)
+    "kplane:node-proxier": ("system:node-proxier", [{"kind": "Group", "name": "system:nodes"}]),
 }
 
 _META_LABELS = {"kubernetes.io/bootstrapping": "rbac-defaults"}

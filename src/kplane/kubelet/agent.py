@@ -50,6 +50,7 @@ class NodeConfig:
     max_pods: int = 110
     restart_backoff_s: float = 10.0
     discovery_timeout_s: float = 300.0
+    pod_network: str = "auto"  # auto: a network namespace per pod when root; host: the host's network
 
     @property
     def pki_dir(self) -> Path:
