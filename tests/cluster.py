@@ -23,6 +23,36 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+NET_CLAIMS = Path("/tmp/kplane-test-nets")
+
+
+def claim_net_index() -> int:
+    """A network index no other live test process holds: clusters share the host's network namespace, so each
+    gets its own pod CIDR (10.<100+i>.0.0/16) and service CIDR (a /20 in 172.16.0.0/12)."""
+    NET_CLAIMS.mkdir(exist_ok=True)
+    for i in range(150):
+        f = NET_CLAIMS / str(i)
+        try:
+            fd = os.open(f, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(f.read_text() or "0")
+                os.kill(pid, 0)
+                continue
+            except (ValueError, ProcessLookupError):
+                f.unlink(missing_ok=True)  # its owner is gone
+                try:
+                    fd = os.open(f, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    continue
+            except (PermissionError, FileNotFoundError):
+                continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return i
+    raise RuntimeError("no free test network index")
+
+
 @dataclass
 class Cluster:
     data_dir: Path
@@ -31,6 +61,15 @@ class Cluster:
     node: bool = True
     proc: subprocess.Popen[bytes] | None = None
     kubelet_port: int = field(default_factory=free_port)
+    net_index: int = -1
+
+    @property
+    def cluster_cidr(self) -> str:
+        return f"10.{100 + self.net_index}.0.0/16"
+
+    @property
+    def service_cidr(self) -> str:
+        return f"172.{16 + self.net_index // 16}.{(self.net_index % 16) * 16}.0/20"
 
     @property
     def url(self) -> str:
@@ -49,12 +88,15 @@ class Cluster:
         return self.data_dir.parent / f"{self.data_dir.name}.log"
 
     def start(self, timeout: float = 30.0) -> None:
+        if self.net_index < 0:
+            self.net_index = claim_net_index()
         log = self.log_path.open("ab")
         node_args = ["--kubelet-port", str(self.kubelet_port), "--pod-restart-backoff", "1"] if self.node else \
             ["--no-node"]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kplane.cli", "up", "--data-dir", str(self.data_dir),
-             "--apiserver-port", str(self.port), *node_args, *self.extra_args],
+             "--apiserver-port", str(self.port), "--cluster-cidr", self.cluster_cidr,
+             "--service-cluster-ip-range", self.service_cidr, *node_args, *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + timeout
