@@ -23,6 +23,7 @@ from kplane.client import APIClient
 from kplane.controllers.bootstrap import BootstrapSigner, TokenCleaner
 from kplane.controllers.certificates import CSRApprover, CSRSigner
 from kplane.controllers.core import NamespaceControllers
+from kplane.controllers.endpoints import EndpointsController
 from kplane.controllers.nodelifecycle import NodeLifecycle
 from kplane.controllers.scheduler import Scheduler
 from kplane.storage.base import KeyExists, KeyNotFound, Store
@@ -138,6 +139,7 @@ class ControlPlane:
         self.controllers: list[Any] = []
         self.client: APIClient | None = None
         self.scheduler_client: APIClient | None = None
+        self.kubernetes_service: Any = None
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -160,6 +162,10 @@ class ControlPlane:
             client_cert=cfg.pki_dir / "apiserver-kubelet-client.crt",
             client_key=cfg.pki_dir / "apiserver-kubelet-client.key",
             ca_file=None if cfg.kubelet_insecure_tls else (cfg.kubelet_ca or cfg.pki_dir / "ca.crt"))
+        from kplane.apiserver.services import KubernetesServiceReconciler, ServiceIPAM
+
+        self.server.ipam = ServiceIPAM(self.store, cfg.service_cidr)
+        await self.server.ipam.repair()
         self.runner = web.AppRunner(self.server.make_app(), access_log=None, handle_signals=False,
                                     shutdown_timeout=2.0)
         await self.runner.setup()
@@ -173,6 +179,8 @@ class ControlPlane:
         self.scheduler_client = APIClient(f"https://127.0.0.1:{cfg.port}", ca_file=cfg.pki_dir / "ca.crt",
                                           cert_file=cfg.pki_dir / "scheduler.crt",
                                           key_file=cfg.pki_dir / "scheduler.key")
+        self.kubernetes_service = KubernetesServiceReconciler(self.server, cfg.advertise_address, cfg.port)
+        self.kubernetes_service.start()
         ca = pki.load_pair(cfg.pki_dir / "ca.crt", cfg.pki_dir / "ca.key")
         self.controllers = [
             NamespaceControllers(self.client, ca_pem),
@@ -181,12 +189,15 @@ class ControlPlane:
             CSRApprover(self.client),
             CSRSigner(self.client, ca),
             NodeLifecycle(self.client),
+            EndpointsController(self.client),
             Scheduler(self.scheduler_client),
         ]
         for c in self.controllers:
             c.start()
 
     async def stop(self) -> None:
+        if self.kubernetes_service is not None:
+            await self.kubernetes_service.stop()
         for c in reversed(self.controllers):
             with contextlib.suppress(Exception):
                 await c.close()

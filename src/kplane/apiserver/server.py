@@ -113,6 +113,7 @@ class APIServer:
         self.options = options
         self.admission = Admission(store)
         self.kubelets: Any = None  # KubeletConnector, set by the control plane
+        self.ipam: Any = None  # ServiceIPAM (ClusterIPs, node ports), set by the control plane
         self.reviews = Reviews(self)
         self.started = time.monotonic()
         self._watchers: set[asyncio.Task[Any]] = set()
@@ -499,12 +500,22 @@ class APIServer:
         self._validate(res, obj)
         if res.namespaced:
             await self.admission.namespace_lifecycle(ns)
-        if query.get("dryRun") == "All":
+        dry = query.get("dryRun") == "All"
+        alloc = None
+        if res.kind == "Service" and self.ipam is not None:
+            alloc = await self.ipam.prepare_create(obj, dry_run=dry)
+        if dry:
             return obj, warnings
         try:
             created = await self.store.create(res.key(ns, md["name"]), obj)
         except KeyExists:
+            if alloc is not None:
+                await self.ipam.release(alloc)
             raise already_exists(res.plural, md["name"], res.group) from None
+        except BaseException:
+            if alloc is not None:
+                await self.ipam.release(alloc)
+            raise
         return created, warnings
 
     def _check_type(self, res: Resource, body: Obj) -> Obj:
@@ -593,7 +604,21 @@ class APIServer:
             res.default(new)
         await self.admission.admit_update(res, old, new, user, sub)
         self._validate(res, new)
-        if query.get("dryRun") == "All":
+        if res.validate_update and (causes := res.validate_update(old, new)):
+            raise invalid(res.kind, name, causes, res.group)
+        dry = query.get("dryRun") == "All"
+        if res.kind == "Service" and self.ipam is not None and sub != "status":
+            added, dropped = await self.ipam.prepare_update(old, new, dry_run=dry)
+            if dry:
+                return new, warnings
+            try:
+                out = await self._store_update(res, ns, name, new, old, expected_rv)
+            except BaseException:
+                await self.ipam.release(added)
+                raise
+            await self.ipam.release(dropped)
+            return out, warnings
+        if dry:
             return new, warnings
         return await self._store_update(res, ns, name, new, old, expected_rv), warnings
 
@@ -603,7 +628,7 @@ class APIServer:
         md = new["metadata"]
         try:
             if md.get("deletionTimestamp") and not md.get("finalizers") and not _ns_finalizers(res, new):
-                return await self.store.delete(res.key(ns, name), rv)
+                return await self._deleted(res, await self.store.delete(res.key(ns, name), rv))
             return await self.store.update(res.key(ns, name), new, rv)
         except RVConflict:
             raise conflict(res.plural, name, res.group) from None
@@ -797,12 +822,20 @@ class APIServer:
                     except RVConflict:
                         continue
             try:
-                return await self.store.delete(res.key(ns, name), rv)
+                return await self._deleted(res, await self.store.delete(res.key(ns, name), rv))
             except RVConflict:
                 continue
             except KeyNotFound:
                 raise not_found(res.plural, name, res.group) from None
         raise conflict(res.plural, name, res.group)
+
+    async def _deleted(self, res: Resource, obj: Obj) -> Obj:
+        """What an object held outside its own key is given back once it is gone."""
+        if res.kind == "Service" and self.ipam is not None:
+            from kplane.apiserver.services import allocation_of
+
+            await self.ipam.release(allocation_of(obj))
+        return obj
 
     async def delete_collection(self, res: Resource, ns: str, user: UserInfo, query: dict[str, str]) -> Obj:
         items, rv, _ = await self.store.list(res.prefix(ns), predicate=self._predicate(res, query))
