@@ -45,6 +45,7 @@ class Resource:
     cells: Callable[[Obj], list[Any]] | None = None
     default: Callable[[Obj], None] | None = None
     validate: Callable[[Obj], list[Cause]] | None = None
+    validate_update: Callable[[Obj, Obj], list[Cause]] | None = None  # (old, new): immutable fields
     label_name: bool = False  # metadata.name must be a DNS-1123 label (not a subdomain)
     segment_name: bool = False  # metadata.name need only be a valid path segment (RBAC, CSRs: "system:node")
     field_selectors: set[str] = field(default_factory=set)
@@ -133,6 +134,55 @@ def _node_cells(o: Obj) -> list[Any]:
         info.get("kernelVersion", "<unknown>"),
         info.get("containerRuntimeVersion", "<unknown>"),
     ]
+
+
+def _node_default(o: Obj) -> None:
+    """v1 keeps podCIDR and podCIDRs[0] in step (as upstream's conversion does)."""
+    spec = o.get("spec")
+    if not isinstance(spec, dict):
+        return
+    cidrs = spec.get("podCIDRs")
+    if spec.get("podCIDR") and not cidrs:
+        spec["podCIDRs"] = [spec["podCIDR"]]
+    elif isinstance(cidrs, list) and cidrs and not spec.get("podCIDR"):
+        spec["podCIDR"] = cidrs[0]
+
+
+def _node_validate(o: Obj) -> list[Cause]:
+    import ipaddress
+
+    spec = o.get("spec") or {}
+    if not isinstance(spec, dict):
+        return [("spec", "FieldValueInvalid", "Invalid value: must be an object")]
+    causes: list[Cause] = []
+    cidrs = spec.get("podCIDRs") or []
+    if not isinstance(cidrs, list):
+        return [("spec.podCIDRs", "FieldValueInvalid", "Invalid value: must be a list")]
+    families = []
+    for i, c in enumerate(cidrs):
+        try:
+            families.append(ipaddress.ip_network(str(c), strict=False).version)
+        except ValueError:
+            causes.append((f"spec.podCIDRs[{i}]", "FieldValueInvalid", f'Invalid value: "{c}": must be a valid CIDR'))
+    if len(cidrs) > 2:
+        causes.append(("spec.podCIDRs", "FieldValueTooMany", "Too many: may contain at most 2 items"))
+    elif len(families) == 2 and families[0] == families[1]:
+        causes.append(("spec.podCIDRs", "FieldValueInvalid",
+                       "Invalid value: may specify no more than one CIDR for each IP family"))
+    if spec.get("podCIDR") and cidrs and spec["podCIDR"] != cidrs[0]:
+        causes.append(("spec.podCIDRs", "FieldValueInvalid",
+                       f'Invalid value: "{cidrs[0]}": must match spec.podCIDR ("{spec["podCIDR"]}")'))
+    return causes
+
+
+def _node_validate_update(old: Obj, new: Obj) -> list[Cause]:
+    """The node IPAM controller may assign a CIDR to a node that has none; after that it is immutable."""
+    was = (old.get("spec") or {}).get("podCIDRs") or []
+    now = (new.get("spec") or {}).get("podCIDRs") or []
+    if was and was != now:
+        return [("spec.podCIDRs", "FieldValueForbidden",
+                 'Forbidden: node updates may not change podCIDR except from "" to valid')]
+    return []
 
 
 # --- pods --------------------------------------------------------------------------------------------------
@@ -545,7 +595,8 @@ RESOURCES: list[Resource] = [
                       Column("Internal-IP", priority=1), Column("External-IP", priority=1),
                       Column("OS-Image", priority=1), Column("Kernel-Version", priority=1),
                       Column("Container-Runtime", priority=1)],
-             cells=_node_cells, field_selectors={"spec.unschedulable"}, has_status=True),
+             cells=_node_cells, field_selectors={"spec.unschedulable"}, has_status=True,
+             default=_node_default, validate=_node_validate, validate_update=_node_validate_update),
     Resource(_CORE, "v1", "Pod", "pods", True, "V1Pod", short_names=["po"], categories=["all"],
              subresources={"status": ("Pod", ["get", "patch", "update"]), "binding": ("Binding", ["create"]),
                            "eviction": ("Eviction", ["create"]), "log": ("Pod", ["get"]),
