@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench install clean deps
+.PHONY: run test lint bench install clean deps proto
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,11 @@ deps:
 
 test: $(STAMP) deps lint
 	$(BIN)/python -m pytest -q
+
+# Regenerate the committed Konnectivity protobuf/gRPC modules from src/kplane/tunnel/konnectivity.proto
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I src --python_out=src --pyi_out=src --grpc_python_out=src \
+		src/kplane/tunnel/konnectivity.proto
 
 bench: $(STAMP)
 	$(BIN)/python bench/startup_bench.py
