@@ -24,6 +24,7 @@ from kplane.controllers.bootstrap import BootstrapSigner, TokenCleaner
 from kplane.controllers.certificates import CSRApprover, CSRSigner
 from kplane.controllers.core import NamespaceControllers
 from kplane.controllers.endpoints import EndpointsController
+from kplane.controllers.nodeipam import CIDRSet, NodeIPAM
 from kplane.controllers.nodelifecycle import NodeLifecycle
 from kplane.controllers.scheduler import Scheduler
 from kplane.storage.base import KeyExists, KeyNotFound, Store
@@ -143,6 +144,7 @@ class ControlPlane:
 
     async def start(self) -> None:
         cfg = self.cfg
+        CIDRSet(cfg.cluster_cidr, cfg.node_cidr_mask_size)  # a bad --cluster-cidr or --node-cidr-mask-size fails first
         prepare_pki(cfg)
         self.store = await SQLiteStore.open(str(cfg.data_dir / "state.db"))
         await bootstrap(self.store)
@@ -189,6 +191,7 @@ class ControlPlane:
             CSRApprover(self.client),
             CSRSigner(self.client, ca),
             NodeLifecycle(self.client),
+            NodeIPAM(self.client, cfg.cluster_cidr, cfg.node_cidr_mask_size),
             EndpointsController(self.client),
             Scheduler(self.scheduler_client),
         ]

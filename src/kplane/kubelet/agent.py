@@ -218,6 +218,8 @@ class NodeAgent:
                 prev = old.get(c["type"])
                 if prev and prev.get("status") == c["status"]:
                     c["lastTransitionTime"] = prev.get("lastTransitionTime", c["lastTransitionTime"])
+            ours = {c["type"] for c in status["conditions"]}  # others' (NetworkUnavailable: node IPAM) are kept
+            status["conditions"] += [c for t, c in old.items() if t not in ours]
             node["status"] = {**(node.get("status") or {}), **status}
             try:
                 await self.client.update(f"/api/v1/nodes/{self.cfg.name}/status", node)
