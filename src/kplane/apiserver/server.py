@@ -286,7 +286,9 @@ class APIServer:
         if name and res.kind == "Namespace":
             name = info.namespace if not info.name or info.name == info.namespace else info.name
         m = req.method
-        if sub in ("log", "exec", "attach", "portforward", "proxy"):
+        if sub == "proxy":
+            return await self._proxy(req, res, ns, name)
+        if sub in ("log", "exec", "attach", "portforward"):
             return await self._node_stream(req, res, ns, name, sub, query)
         if sub == "token" and m == "POST":
             body = await self._read_body(req)
@@ -332,13 +334,40 @@ class APIServer:
             return json_response(await self.delete(res, ns, name, body, user, query))
         raise StatusError(405, f"the server does not allow this method on the requested resource ({res.plural})")
 
+    async def _proxy(self, req: web.Request, res: Resource, ns: str, raw_id: str) -> web.StreamResponse:
+        """nodes/pods/services ``{[scheme:]name[:port]}/proxy/...`` to the named object's own address."""
+        from kplane.apiserver import proxy
+
+        pid = proxy.split_id(raw_id)
+        raw_parts = req.raw_path.split("?", 1)[0].strip("/").split("/")
+        idx = next((i for i in range(3, len(raw_parts)) if raw_parts[i] == "proxy" and raw_parts[i - 2] == res.plural),
+                   None)
+        if idx is None:
+            raise StatusError(400, "invalid proxy path")
+        tail = raw_parts[idx + 1:]
+        rest = "/" + "/".join(tail) + ("/" if tail and req.raw_path.split("?", 1)[0].endswith("/") else "")
+        prefix = "/" + "/".join(raw_parts[:idx + 1]) + "/"
+        obj = await self.get(res, ns, pid.name)
+        if res.kind == "Pod":
+            target = proxy.pod_target(obj, pid)
+        elif res.kind == "Service":
+            endpoints = None
+            with contextlib.suppress(KeyNotFound):
+                endpoints = await self.store.get(f"/registry/core/endpoints/{ns}/{pid.name}")
+            target = proxy.service_target(obj, endpoints, pid)
+        elif res.kind == "Node":
+            target = await proxy.node_target(obj, pid)
+        else:
+            raise StatusError(404, "the server could not find the requested resource")
+        return await proxy.forward(self, req, target, rest, prefix)
+
     async def _node_stream(self, req: web.Request, res: Resource, ns: str, name: str, sub: str,
                            query: dict[str, str]) -> web.StreamResponse:
         from kplane.apiserver import kubelet as kc
 
         obj = await self.get(res, ns, name)
-        if res.kind != "Pod" or sub == "proxy":
-            raise StatusError(503, f"{res.plural}/{sub} is not implemented yet in kplane")
+        if res.kind != "Pod":
+            raise StatusError(404, "the server could not find the requested resource")
         node_name = obj.get("spec", {}).get("nodeName")
         if not node_name:
             raise StatusError(400, f"pod {name} does not have a host assigned")
