@@ -218,3 +218,27 @@ def test_bad_service_specs(cluster: Cluster, ns: str) -> None:
     bad = cluster.kubectl("apply", "-n", ns, "-f", "-", check=False,
                           input=svc("b2", type="ExternalName", externalName="x.test", clusterIP="10.0.0.1"))
     assert bad.returncode != 0
+
+
+def test_service_environment_variables(cluster: Cluster, ns: str) -> None:
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=svc("env-svc", ports=[{"name": "web", "port": 80},
+                                                                               {"name": "dns", "port": 53,
+                                                                                "protocol": "UDP"}]))
+    ip = get(cluster, "svc", "env-svc", "-n", ns)["spec"]["clusterIP"]
+    run_pod(cluster, ns, "linked", ["env"], restartPolicy="Never")
+    run_pod(cluster, ns, "unlinked", ["env"], restartPolicy="Never", enableServiceLinks=False)
+    wait(lambda: phase(cluster, ns, "linked") == "Succeeded" and phase(cluster, ns, "unlinked") == "Succeeded")
+
+    def env_of(pod: str) -> dict[str, str]:
+        out = cluster.kubectl("logs", pod, "-n", ns).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    linked, unlinked = env_of("linked"), env_of("unlinked")
+    assert linked["ENV_SVC_SERVICE_HOST"] == ip and linked["ENV_SVC_SERVICE_PORT"] == "80"
+    assert linked["ENV_SVC_SERVICE_PORT_WEB"] == "80" and linked["ENV_SVC_SERVICE_PORT_DNS"] == "53"
+    assert linked["ENV_SVC_PORT"] == f"tcp://{ip}:80"
+    assert linked["ENV_SVC_PORT_53_UDP"] == f"udp://{ip}:53" and linked["ENV_SVC_PORT_53_UDP_PROTO"] == "udp"
+    assert linked["ENV_SVC_PORT_80_TCP_ADDR"] == ip and linked["ENV_SVC_PORT_80_TCP_PORT"] == "80"
+    assert not any(k.startswith("ENV_SVC_") for k in unlinked)
+    for env in (linked, unlinked):  # always there: the in-cluster config reads these two
+        assert env["KUBERNETES_SERVICE_HOST"] and env["KUBERNETES_SERVICE_PORT"]

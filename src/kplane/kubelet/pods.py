@@ -20,6 +20,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+import aiohttp
+
 from kplane.api import meta
 from kplane.client import informer
 from kplane.errors import StatusError
@@ -58,6 +60,29 @@ def expand(text: str, env: dict[str, str]) -> str:
     return _VAR.sub(sub, text)
 
 
+def service_link_env(svc: Obj) -> dict[str, str]:
+    """The variables a Service contributes to a container's environment (as the kubelet's service links)."""
+    spec = svc.get("spec") or {}
+    ip = spec.get("clusterIP")
+    ports = [p for p in spec.get("ports") or [] if isinstance(p, dict) and isinstance(p.get("port"), int)]
+    if not ip or ip == "None" or not ports:
+        return {}
+    name = str(svc["metadata"]["name"]).upper().replace("-", "_")
+    first = ports[0]
+    out = {f"{name}_SERVICE_HOST": str(ip), f"{name}_SERVICE_PORT": str(first["port"]),
+           f"{name}_PORT": f"{str(first.get('protocol', 'TCP')).lower()}://{ip}:{first['port']}"}
+    for p in ports:
+        proto = str(p.get("protocol", "TCP"))
+        if p.get("name"):
+            out[f"{name}_SERVICE_PORT_{str(p['name']).upper().replace('-', '_')}"] = str(p["port"])
+        base = f"{name}_PORT_{p['port']}_{proto.upper()}"
+        out[base] = f"{proto.lower()}://{ip}:{p['port']}"
+        out[f"{base}_PROTO"] = proto.lower()
+        out[f"{base}_PORT"] = str(p["port"])
+        out[f"{base}_ADDR"] = str(ip)
+    return out
+
+
 def rfc3339(ts: float | None = None) -> str:
     return datetime.fromtimestamp(ts if ts is not None else time.time(), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -94,16 +119,27 @@ class PodManager:
         self.workers: dict[str, PodWorker] = {}
         self.stop_event = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._svc_task: asyncio.Task[None] | None = None
+        self.services: dict[str, dict[str, Obj]] = {}  # namespace -> name -> Service (for pods' environment)
         self.is_root = os.geteuid() == 0 and shutil.which("unshare") is not None
         url = urlparse(agent.cfg.server)
         self.api_host, self.api_port = url.hostname or "127.0.0.1", str(url.port or 443)
 
     async def start(self) -> None:
+        # pods started before the Services are known would miss their variables (the kubelet waits for this too)
+        with contextlib.suppress(StatusError, OSError, TimeoutError, aiohttp.ClientError):
+            lst = await asyncio.wait_for(self.client_ref().get("/api/v1/services"), 10)
+            for svc in lst.get("items") or []:
+                md = svc.get("metadata") or {}
+                self.services.setdefault(str(md.get("namespace", "")), {})[str(md.get("name", ""))] = svc
+        self._svc_task = asyncio.create_task(self._watch_services())
         self._task = asyncio.create_task(self._watch())
 
     async def stop(self) -> None:
         """Stop watching and reporting; containers keep running."""
         self.stop_event.set()
+        if self._svc_task:
+            self._svc_task.cancel()
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -300,15 +336,8 @@ class PodManager:
         env: dict[str, str] = {
             "PATH": os.environ.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
             "HOSTNAME": pod["metadata"]["name"],
-            "KUBERNETES_SERVICE_HOST": self.api_host,
-            "KUBERNETES_SERVICE_PORT": self.api_port,
-            "KUBERNETES_SERVICE_PORT_HTTPS": self.api_port,
-            "KUBERNETES_PORT": f"tcp://{self.api_host}:{self.api_port}",
-            f"KUBERNETES_PORT_{self.api_port}_TCP": f"tcp://{self.api_host}:{self.api_port}",
-            f"KUBERNETES_PORT_{self.api_port}_TCP_PROTO": "tcp",
-            f"KUBERNETES_PORT_{self.api_port}_TCP_PORT": self.api_port,
-            f"KUBERNETES_PORT_{self.api_port}_TCP_ADDR": self.api_host,
         }
+        env.update(self._service_env(ns, bool(pod.get("spec", {}).get("enableServiceLinks", True))))
         for ef in c.get("envFrom") or []:
             prefix = ef.get("prefix", "")
             for kind in ("configMapRef", "secretRef"):
@@ -339,6 +368,39 @@ class PodManager:
             elif "resourceFieldRef" in vf:
                 env[name] = "0"
         return env
+
+    def _service_env(self, ns: str, links: bool) -> dict[str, str]:
+        """Docker-link style variables for the Services of the pod's namespace (``enableServiceLinks``) and, always,
+        for default/kubernetes. The kubernetes Service's VIP is used only when this node proxies Service VIPs;
+        otherwise pods are pointed at the apiserver address the agent itself uses."""
+        out: dict[str, str] = {}
+        proxied = bool(getattr(self.agent, "kube_proxy", None))
+        chosen: list[Obj] = []
+        if links and ns != "default":
+            chosen += list(self.services.get(ns, {}).values())
+        if links and ns == "default":
+            chosen += [s for n, s in self.services.get("default", {}).items() if n != "kubernetes"]
+        for svc in sorted(chosen, key=lambda s: s["metadata"]["name"]):
+            out.update(service_link_env(svc))
+        kube = self.services.get("default", {}).get("kubernetes")
+        if proxied and kube is not None and service_link_env(kube):
+            out.update(service_link_env(kube))
+        else:
+            h, p = self.api_host, self.api_port
+            out.update({"KUBERNETES_SERVICE_HOST": h, "KUBERNETES_SERVICE_PORT": p, "KUBERNETES_SERVICE_PORT_HTTPS": p,
+                        "KUBERNETES_PORT": f"tcp://{h}:{p}", f"KUBERNETES_PORT_{p}_TCP": f"tcp://{h}:{p}",
+                        f"KUBERNETES_PORT_{p}_TCP_PROTO": "tcp", f"KUBERNETES_PORT_{p}_TCP_PORT": p,
+                        f"KUBERNETES_PORT_{p}_TCP_ADDR": h})
+        return out
+
+    async def _watch_services(self) -> None:
+        async for ev, svc in informer(self.client_ref(), "/api/v1/services", self.stop_event):
+            md = svc.get("metadata") or {}
+            by_ns = self.services.setdefault(str(md.get("namespace", "")), {})
+            if ev == "DELETED":
+                by_ns.pop(str(md.get("name", "")), None)
+            else:
+                by_ns[str(md.get("name", ""))] = svc
 
     def _fetch_cached(self, w: PodWorker, kind: str, ns: str, name: str, optional: bool) -> dict[str, str]:
         cache = w.pod.setdefault("__env_cache__", {})
