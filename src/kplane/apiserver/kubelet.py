@@ -69,6 +69,7 @@ class KubeletConnector:
         self.ctx = ctx
         self.verified = ca_file is not None
         self.timeout_s = timeout_s
+        self.dialer: Any = None  # the egress selector's Dialer for the "cluster" selection (None: dial directly)
 
     async def open(self, target: KubeletTarget) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         server_hostname = target.host
@@ -77,6 +78,13 @@ class KubeletConnector:
         except ValueError:
             pass
         try:
+            if self.dialer is not None:
+                # through the egress (konnectivity or SSH): TLS to the kubelet is still ours, end to end
+                sock = await asyncio.wait_for(self.dialer.dial(target.host, target.port), self.timeout_s)
+                opened: tuple[asyncio.StreamReader, asyncio.StreamWriter] = await asyncio.wait_for(
+                    asyncio.open_connection(sock=sock, ssl=self.ctx, server_hostname=server_hostname, limit=1 << 20),
+                    self.timeout_s)
+                return opened
             return await asyncio.wait_for(
                 asyncio.open_connection(target.host, target.port, ssl=self.ctx, server_hostname=server_hostname,
                                         limit=1 << 20),

@@ -114,6 +114,7 @@ class APIServer:
         self.admission = Admission(store)
         self.kubelets: Any = None  # KubeletConnector, set by the control plane
         self.ipam: Any = None  # ServiceIPAM (ClusterIPs, node ports), set by the control plane
+        self.dialer: Any = None  # egress Dialer for proxy subresources (None: dial directly)
         self.reviews = Reviews(self)
         self.started = time.monotonic()
         self._watchers: set[asyncio.Task[Any]] = set()
