@@ -1,0 +1,482 @@
+"""The Konnectivity server's relay, sans I/O.
+
+State (all of it lives here; the asyncio server only moves packets in and out):
+
+- **agents**: one entry per connected agent stream, keyed by ``agentid`` (a reconnecting agent replaces its old
+  stream), with the identifiers it declared, whether it is draining, its pending dials and its connections.
+- **frontends**: one entry per apiserver-side stream (a gRPC ``Proxy`` stream or one HTTP-CONNECT socket), with
+  its own pending dials and connections.
+- a **pending dial** links ``(frontend, the frontend's random)`` to ``(agent, a random we chose)``; a
+  **connection** links ``(frontend, a connectID we chose)`` to ``(agent, the agent's connectID)``. Renumbering on
+  both sides keeps frontends from colliding with (or guessing at) each other's dials and connections, and lets
+  one frontend stream carry connections through several agents.
+
+Inputs are method calls (a packet from an agent, a dial/data/close from a frontend, a stream going away, a
+timer firing); outputs are calls on the links' non-blocking ``send()`` (a queue put). Nothing here awaits, so a
+slow peer can only ever fill its own queue, and that is bounded by the per-connection flow control of
+:mod:`kplane.tunnel.flow`.
+
+Routing (``strategies``, evaluated in order, as upstream's ``--proxy-strategies``): ``destHost`` (the dial host
+equals a declared ``host``/``ipv4``/``ipv6``), ``destCIDR`` (inside a declared ``cidr``; upstream parses but never
+routes on these), ``defaultRoute`` (agents that declared ``default-route=true``) and ``default`` (any agent). With
+``only_declared`` (the default) every strategy only considers agents that declared the destination one way or
+another, so an agent is never asked to dial an address it did not claim; non-draining agents are preferred.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from kplane.tunnel import packets as P
+from kplane.tunnel.flow import DEFAULT_BUFFER_LIMIT, FlowControlError, ReceiveBuffer, SendCredit
+from kplane.tunnel.packets import AgentIdentifiers, Packet, PacketType
+
+STRATEGIES = ("destHost", "destCIDR", "defaultRoute", "default")
+
+# dial failure texts (the HTTP-CONNECT side maps them to statuses, see httpconnect.status_for_dial_error)
+ERR_NO_AGENT = "no agent available"
+ERR_AGENT_GONE = "agent disconnected"
+ERR_DIAL_TIMEOUT = "timed out waiting for the agent's dial"
+ERR_TOO_MANY = "too many pending dials"
+ERR_DUPLICATE = "duplicate dial id"
+ERR_DIAL_CLOSED = "dial closed by the agent"
+
+MAX_PENDING_PER_FRONTEND = 256
+MAX_CONNS_PER_FRONTEND = 4096
+LOCAL_CREDIT = 1 << 20  # in-flight bytes per connection toward an agent that does not do windows
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+Scheduler = Callable[[float, Callable[[], None]], Cancellable]
+
+
+class AgentLink(Protocol):
+    """One agent's stream, as the relay sees it."""
+
+    def send(self, packet: Packet) -> None: ...  # enqueue, never blocks
+
+    def close(self, reason: str) -> None: ...  # end the stream (replaced, protocol violation)
+
+
+class FrontendLink(Protocol):
+    """One apiserver-side stream or socket."""
+
+    def send(self, packet: Packet) -> None: ...  # enqueue, never blocks
+
+    def wake(self, connect_id: int) -> None: ...  # connect_id got send credit, or was closed: look again
+
+
+@dataclass(eq=False)
+class Agent:
+    agent_id: str
+    identifiers: AgentIdentifiers
+    user: str
+    link: AgentLink
+    window: int | None  # the agent's announced receive window (kplane extension), None: upstream agent
+    draining: bool = False
+    pending: dict[int, Pending] = field(default_factory=dict)  # our random -> dial
+    conns: dict[int, Conn] = field(default_factory=dict)  # agent's connectID -> connection
+    randoms: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    gone: bool = False
+
+
+@dataclass(eq=False)
+class Frontend:
+    link: FrontendLink
+    kind: str  # "grpc" | "http-connect"
+    pending: dict[int, Pending] = field(default_factory=dict)  # frontend's random -> dial
+    conns: dict[int, Conn] = field(default_factory=dict)  # our connectID -> connection
+    ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    gone: bool = False
+
+
+@dataclass(eq=False)
+class Pending:
+    frontend: Frontend
+    frontend_random: int
+    agent: Agent
+    random: int
+    address: str
+    timer: Cancellable | None = None
+
+
+@dataclass(eq=False)
+class Conn:
+    agent: Agent
+    agent_cid: int
+    frontend: Frontend
+    cid: int
+    to_agent: SendCredit
+    from_agent: ReceiveBuffer
+    closing: bool = False
+    timer: Cancellable | None = None
+
+
+class _NoTimer:
+    def cancel(self) -> None:
+        pass
+
+
+def _no_schedule(delay: float, fn: Callable[[], None]) -> Cancellable:
+    return _NoTimer()
+
+
+class ProxyCore:
+    def __init__(
+        self,
+        *,
+        strategies: Iterable[str] = ("destHost", "default"),
+        only_declared: bool = True,
+        window: int | None = None,
+        buffer_limit: int = DEFAULT_BUFFER_LIMIT,
+        dial_timeout: float = 10.0,
+        close_timeout: float = 10.0,
+        schedule: Scheduler = _no_schedule,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.strategies = tuple(strategies)
+        for s in self.strategies:
+            if s not in STRATEGIES:
+                raise ValueError(f"unknown proxy strategy {s!r} (want one of {', '.join(STRATEGIES)})")
+        if not self.strategies:
+            raise ValueError("at least one proxy strategy is needed")
+        self.only_declared = only_declared
+        self.window = window  # what we announce to agents that do windows
+        self.buffer_limit = buffer_limit
+        self.dial_timeout = dial_timeout
+        self.close_timeout = close_timeout
+        self.schedule = schedule
+        self.rng = rng or random.Random()
+        self.agents: dict[str, Agent] = {}
+        self.frontends: set[Frontend] = set()
+        self.stats: Counter[str] = Counter()
+
+    # ---------------------------------------------------------------------------------------- agents
+
+    def add_agent(self, agent_id: str, identifiers: AgentIdentifiers, user: str, link: AgentLink,
+                  window: int | None) -> Agent:
+        """Register an authenticated agent stream. An older stream of the same agent is closed and its
+        connections and dials fail (the agent reconnected: they were carried by a stream that is dead)."""
+        old = self.agents.get(agent_id)
+        if old is not None:
+            self.remove_agent(old, reason="replaced by a new connection from the same agent")
+            old.link.close("replaced by a new connection from the same agent")
+            self.stats["agent_replaced"] += 1
+        a = Agent(agent_id=agent_id, identifiers=identifiers, user=user, link=link,
+                  window=window if self.window is not None else None)
+        self.agents[agent_id] = a
+        return a
+
+    def remove_agent(self, agent: Agent, *, reason: str = ERR_AGENT_GONE) -> None:
+        """The agent's stream ended: fail its pending dials now and close its connections."""
+        if agent.gone:
+            return
+        agent.gone = True
+        if self.agents.get(agent.agent_id) is agent:
+            del self.agents[agent.agent_id]
+        for p in list(agent.pending.values()):
+            self._drop_pending(p)
+            self._dial_failed(p, f"{ERR_AGENT_GONE}: {reason}" if reason != ERR_AGENT_GONE else reason)
+        for c in list(agent.conns.values()):
+            self._drop_conn(c)
+            if not c.frontend.gone:
+                c.frontend.link.send(P.close_response(c.cid, ERR_AGENT_GONE))
+
+    def from_agent(self, agent: Agent, packet: Packet) -> None:
+        if agent.gone:
+            return
+        try:
+            P.check(packet)
+        except P.PacketError:
+            self.stats["agent_bad_packet"] += 1
+            return
+        t = packet.type
+        self.stats[f"from_agent_{P.type_name(packet)}"] += 1
+        if t == PacketType.DIAL_RSP:
+            self._agent_dial_response(agent, packet.dialResponse)
+        elif t == PacketType.DATA:
+            self._agent_data(agent, packet.data.connectID, packet.data.data)
+        elif t == PacketType.CLOSE_RSP:
+            c = agent.conns.get(packet.closeResponse.connectID)
+            if c is not None:
+                self._drop_conn(c)
+                if not c.frontend.gone:
+                    c.frontend.link.send(P.close_response(c.cid, packet.closeResponse.error))
+        elif t == PacketType.DIAL_CLS:
+            p = agent.pending.get(packet.closeDial.random)
+            if p is not None:
+                self._drop_pending(p)
+                self._dial_failed(p, ERR_DIAL_CLOSED)
+        elif t == PacketType.DRAIN:
+            agent.draining = True
+        elif t == PacketType.KPLANE_WINDOW_UPDATE:
+            c = agent.conns.get(packet.windowUpdate.connectID)
+            if c is None or agent.window is None:
+                return
+            try:
+                c.to_agent.give(packet.windowUpdate.bytes)
+            except FlowControlError as e:
+                self._abort_conn(c, str(e))
+                return
+            if not c.frontend.gone:
+                c.frontend.link.wake(c.cid)
+        else:  # DIAL_REQ, CLOSE_REQ: not something an agent sends
+            self.stats["agent_unexpected_packet"] += 1
+
+    def agent_sent(self, agent: Agent, packet: Packet) -> None:
+        """The agent's stream writer handed ``packet`` to gRPC. For an agent without windows this is what
+        returns local send credit for DATA."""
+        if agent.window is not None or packet.type != PacketType.DATA:
+            return
+        c = agent.conns.get(packet.data.connectID)
+        if c is not None and c.agent is agent:
+            try:
+                c.to_agent.give(len(packet.data.data))
+            except FlowControlError:
+                return
+            if not c.frontend.gone:
+                c.frontend.link.wake(c.cid)
+
+    def _agent_dial_response(self, agent: Agent, rsp: P.pb.DialResponse) -> None:
+        p = agent.pending.get(rsp.random)
+        if p is None:
+            # a late answer to a dial that timed out or was cancelled: don't leave the connection open
+            self.stats["dial_unrecognized_response"] += 1
+            if rsp.connectID and not rsp.error:
+                agent.link.send(P.close_request(rsp.connectID))
+            return
+        self._drop_pending(p)
+        if rsp.error or rsp.connectID == 0 or rsp.connectID in agent.conns:
+            if not rsp.error and rsp.connectID:
+                # a connectID that is already in use: refuse the new one, keep the old
+                self.stats["dial_duplicate_connect_id"] += 1
+                self._dial_failed(p, "agent answered with a connectID already in use")
+                return
+            self._dial_failed(p, rsp.error or "agent answered without a connectID")
+            return
+        f = p.frontend
+        if f.gone:
+            agent.link.send(P.close_request(rsp.connectID))
+            return
+        if len(f.conns) >= MAX_CONNS_PER_FRONTEND:
+            agent.link.send(P.close_request(rsp.connectID))
+            f.link.send(P.dial_response(p.frontend_random, error="too many connections on this stream"))
+            return
+        cid = next(f.ids)
+        to_agent = (SendCredit(agent.window, ceiling=agent.window * 4) if agent.window is not None
+                    else SendCredit(LOCAL_CREDIT, ceiling=LOCAL_CREDIT))
+        from_agent = ReceiveBuffer(window=self.window if agent.window is not None else None,
+                                   limit=self.buffer_limit)
+        c = Conn(agent=agent, agent_cid=rsp.connectID, frontend=f, cid=cid, to_agent=to_agent,
+                 from_agent=from_agent)
+        agent.conns[rsp.connectID] = c
+        f.conns[cid] = c
+        self.stats["dial_ok"] += 1
+        f.link.send(P.dial_response(p.frontend_random, connect_id=cid))
+
+    def _agent_data(self, agent: Agent, agent_cid: int, payload: bytes) -> None:
+        c = agent.conns.get(agent_cid)
+        if c is None:
+            # data for a connection nobody holds (upstream answers with CLOSE_REQ too)
+            self.stats["data_unrecognized"] += 1
+            agent.link.send(P.close_request(agent_cid))
+            return
+        if c.closing or c.frontend.gone:
+            return
+        try:
+            c.from_agent.received(len(payload))
+        except FlowControlError as e:
+            self._abort_conn(c, str(e))
+            return
+        c.frontend.link.send(P.data(c.cid, payload))
+
+    # ------------------------------------------------------------------------------------- frontends
+
+    def add_frontend(self, link: FrontendLink, kind: str) -> Frontend:
+        f = Frontend(link=link, kind=kind)
+        self.frontends.add(f)
+        self.stats[f"frontend_{kind}"] += 1
+        return f
+
+    def remove_frontend(self, f: Frontend) -> None:
+        """The frontend went away: cancel its dials and close its connections at the agents."""
+        if f.gone:
+            return
+        f.gone = True
+        self.frontends.discard(f)
+        for p in list(f.pending.values()):
+            self._drop_pending(p)
+            if not p.agent.gone:
+                p.agent.link.send(P.close_dial(p.random))
+        for c in list(f.conns.values()):
+            self._drop_conn(c)
+            if not c.agent.gone:
+                c.agent.link.send(P.close_request(c.agent_cid))
+
+    def dial(self, f: Frontend, frontend_random: int, protocol: str, address: str) -> None:
+        """A DIAL_REQ from a frontend; the answer arrives as a DIAL_RSP on ``f.link``."""
+        if f.gone:
+            return
+        if frontend_random in f.pending:
+            f.link.send(P.dial_response(frontend_random, error=ERR_DUPLICATE))
+            return
+        if len(f.pending) >= MAX_PENDING_PER_FRONTEND:
+            self.stats["dial_failure_too_many"] += 1
+            f.link.send(P.dial_response(frontend_random, error=ERR_TOO_MANY))
+            return
+        if protocol != "tcp":
+            f.link.send(P.dial_response(frontend_random, error=f"unsupported protocol {protocol[:20]!r}"))
+            return
+        try:
+            host, port = P.split_host_port(address)
+        except ValueError as e:
+            f.link.send(P.dial_response(frontend_random, error=f"invalid address: {e}"))
+            return
+        agent = self.route(host)
+        if agent is None:
+            self.stats["dial_failure_no_agent"] += 1
+            f.link.send(P.dial_response(frontend_random, error=f"{ERR_NO_AGENT} for {host}"))
+            return
+        r = next(agent.randoms)
+        p = Pending(frontend=f, frontend_random=frontend_random, agent=agent, random=r,
+                    address=P.join_host_port(host, port))
+        agent.pending[r] = p
+        f.pending[frontend_random] = p
+        p.timer = self.schedule(self.dial_timeout, lambda: self._dial_timed_out(p))
+        agent.link.send(P.dial_request(p.address, r))
+
+    def cancel_dial(self, f: Frontend, frontend_random: int) -> None:
+        """DIAL_CLS from a frontend: forget the dial and tell the agent (ours cancels it)."""
+        p = f.pending.get(frontend_random)
+        if p is None:
+            return
+        self._drop_pending(p)
+        if not p.agent.gone:
+            p.agent.link.send(P.close_dial(p.random))
+
+    def frontend_data(self, f: Frontend, cid: int, payload: bytes | memoryview) -> int:
+        """Forward as much of ``payload`` as the connection's send credit allows; returns the number of bytes
+        taken (0: wait for ``f.link.wake(cid)``), or -1 if ``cid`` is not an open connection of ``f``."""
+        c = f.conns.get(cid)
+        if c is None or c.closing:
+            return -1
+        n = c.to_agent.take(len(payload))
+        if n:
+            c.agent.link.send(P.data(c.agent_cid, bytes(payload[:n])))
+        return n
+
+    def frontend_consumed(self, f: Frontend, cid: int, n: int) -> None:
+        """``n`` bytes of ``cid``'s data were written to the frontend."""
+        c = f.conns.get(cid)
+        if c is None:
+            return
+        grant = c.from_agent.consumed(n)
+        if grant and not c.agent.gone:
+            c.agent.link.send(P.window_update(c.agent_cid, grant))
+
+    def frontend_close(self, f: Frontend, cid: int) -> bool:
+        """CLOSE_REQ from a frontend (or EOF on an HTTP-CONNECT socket). The agent's CLOSE_RSP completes it;
+        if none comes within ``close_timeout`` the connection is dropped anyway. False: unknown cid."""
+        c = f.conns.get(cid)
+        if c is None:
+            return False
+        if not c.closing:
+            c.closing = True
+            c.agent.link.send(P.close_request(c.agent_cid))
+            c.timer = self.schedule(self.close_timeout, lambda: self._close_timed_out(c))
+        return True
+
+    # ------------------------------------------------------------------------------------- internals
+
+    def route(self, host: str) -> Agent | None:
+        for strategy in self.strategies:
+            cands = [a for a in self.agents.values() if self._candidate(strategy, a, host)]
+            if cands:
+                fresh = [a for a in cands if not a.draining]
+                return self.rng.choice(fresh or cands)
+        return None
+
+    def _candidate(self, strategy: str, a: Agent, host: str) -> bool:
+        ids = a.identifiers
+        if strategy == "destHost":
+            return ids.matches_host(host)
+        if strategy == "destCIDR":
+            return ids.matches_cidr(host)
+        if strategy == "defaultRoute":
+            return ids.default_route
+        return not self.only_declared or ids.covers(host)
+
+    def _drop_pending(self, p: Pending) -> None:
+        if p.timer is not None:
+            p.timer.cancel()
+            p.timer = None
+        if p.agent.pending.get(p.random) is p:
+            del p.agent.pending[p.random]
+        if p.frontend.pending.get(p.frontend_random) is p:
+            del p.frontend.pending[p.frontend_random]
+
+    def _dial_failed(self, p: Pending, error: str) -> None:
+        self.stats["dial_failure"] += 1
+        if not p.frontend.gone:
+            p.frontend.link.send(P.dial_response(p.frontend_random, error=error))
+
+    def _dial_timed_out(self, p: Pending) -> None:
+        p.timer = None
+        if p.agent.pending.get(p.random) is not p:
+            return
+        self._drop_pending(p)
+        self.stats["dial_failure_timeout"] += 1
+        if not p.agent.gone:
+            p.agent.link.send(P.close_dial(p.random))
+        self._dial_failed(p, ERR_DIAL_TIMEOUT)
+
+    def _drop_conn(self, c: Conn) -> None:
+        if c.timer is not None:
+            c.timer.cancel()
+            c.timer = None
+        if c.agent.conns.get(c.agent_cid) is c:
+            del c.agent.conns[c.agent_cid]
+        if c.frontend.conns.get(c.cid) is c:
+            del c.frontend.conns[c.cid]
+            if not c.frontend.gone:
+                c.frontend.link.wake(c.cid)  # a sender waiting for credit on it must notice
+
+    def _abort_conn(self, c: Conn, error: str) -> None:
+        """Close one connection on both sides (flow-control violation or a stalled frontend)."""
+        self.stats["conn_aborted"] += 1
+        self._drop_conn(c)
+        if not c.agent.gone:
+            c.agent.link.send(P.close_request(c.agent_cid))
+        if not c.frontend.gone:
+            c.frontend.link.send(P.close_response(c.cid, error))
+
+    def _close_timed_out(self, c: Conn) -> None:
+        c.timer = None
+        if c.agent.conns.get(c.agent_cid) is not c:
+            return
+        self._drop_conn(c)
+        if not c.frontend.gone:
+            c.frontend.link.send(P.close_response(c.cid, "agent did not confirm the close"))
+
+    # ------------------------------------------------------------------------------------- metrics
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.agents)
+
+    def gauges(self) -> dict[str, int]:
+        return {
+            "ready_backends": len(self.agents),
+            "draining_backends": sum(1 for a in self.agents.values() if a.draining),
+            "pending_backend_dials": sum(len(a.pending) for a in self.agents.values()),
+            "established_connections": sum(len(a.conns) for a in self.agents.values()),
+            "frontends": len(self.frontends),
+        }
