@@ -144,7 +144,7 @@ class Cluster:
 
 
 def stop_containers(data_dir: Path) -> None:
-    """Pods outlive the agent by design; tests must not leave their processes behind."""
+    """Pods outlive the agent by design; tests must not leave their processes or networks behind."""
     import asyncio
 
     from kplane.kubelet.runtime import ProcessRuntime
@@ -160,3 +160,7 @@ def stop_containers(data_dir: Path) -> None:
                     rt.kill(cid)
 
         asyncio.run(stop_all())
+    from kplane.kubelet import podnet
+
+    for node_dir in data_dir.glob("node/*"):  # the pods' namespaces, veths, bridge, routes and nft table
+        podnet.cleanup_node(node_dir)

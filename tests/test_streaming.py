@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -119,34 +120,32 @@ def test_cp_both_ways(box: tuple[Cluster, str], mode: str, tmp_path: Path) -> No
     cluster.kubectl("exec", "box", "-n", ns, "--", "rm", remote, env=MODES[mode])
 
 
-def _echo_server() -> tuple[socket.socket, int]:
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(64)
+# An echo server run in a pod, bound only to the pod's 127.0.0.1 (port-forward must reach it there)
+ECHO = ("import socket, sys, threading\n"
+        "s = socket.socket()\n"
+        "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        "s.bind(('127.0.0.1', int(sys.argv[1])))\n"
+        "s.listen(64)\n"
+        "def echo(c):\n"
+        "    with c:\n"
+        "        while (b := c.recv(65536)):\n"
+        "            c.sendall(b)\n"
+        "while True:\n"
+        "    c, _ = s.accept()\n"
+        "    threading.Thread(target=echo, args=(c,), daemon=True).start()\n")
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
 
-            def echo(c: socket.socket = conn) -> None:
-                with c:
-                    while True:
-                        try:
-                            b = c.recv(65536)
-                        except OSError:
-                            return
-                        if not b:
-                            return
-                        c.sendall(b)
-
-            threading.Thread(target=echo, daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
-    return srv, int(srv.getsockname()[1])
+@pytest.fixture(scope="module")
+def echo_port(box: tuple[Cluster, str]) -> int:
+    """A pod ``echo`` serving on 127.0.0.1:<port> inside its own network (the host's when pods share it)."""
+    cluster, ns = box
+    port = free_port()
+    run_pod(cluster, ns, "echo", [sys.executable, "-c", ECHO, str(port)])
+    wait(lambda: phase(cluster, ns, "echo") == "Running")
+    probe = f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=1)"
+    wait(lambda: cluster.kubectl("exec", "echo", "-n", ns, "--", sys.executable, "-c", probe,
+                                 check=False).returncode == 0)
+    return port
 
 
 def _roundtrip(port: int, payload: bytes) -> bytes:
@@ -168,12 +167,13 @@ def _roundtrip(port: int, payload: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_port_forward_many_connections_and_large_transfer(box: tuple[Cluster, str], mode: str) -> None:
+def test_port_forward_many_connections_and_large_transfer(box: tuple[Cluster, str], echo_port: int,
+                                                          mode: str) -> None:
     cluster, ns = box
-    srv, target = _echo_server()  # pods share the host network: the pod's port is this port
+    target = echo_port
     local = free_port()
     env = dict(os.environ, KUBECONFIG=str(cluster.kubeconfig), HOME=str(cluster.data_dir.parent), **MODES[mode])
-    pf = subprocess.Popen([KUBECTL, "port-forward", "-n", ns, "pod/box", f"{local}:{target}"],
+    pf = subprocess.Popen([KUBECTL, "port-forward", "-n", ns, "pod/echo", f"{local}:{target}"],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         assert pf.stdout is not None
@@ -195,10 +195,9 @@ def test_port_forward_many_connections_and_large_transfer(box: tuple[Cluster, st
     finally:
         pf.terminate()
         pf.wait(10)
-        srv.close()
 
 
-def test_python_client_exec_and_port_forward(box: tuple[Cluster, str]) -> None:
+def test_python_client_exec_and_port_forward(box: tuple[Cluster, str], echo_port: int) -> None:
     from kubernetes import client, config
     from kubernetes.stream import portforward, stream
 
@@ -215,21 +214,18 @@ def test_python_client_exec_and_port_forward(box: tuple[Cluster, str]) -> None:
     resp.run_forever(timeout=10)
     assert "through stdin" in resp.read_stdout(timeout=1) + (resp.peek_stdout() or "")
     assert resp.returncode == 3
-    srv, target = _echo_server()
-    try:
-        pf = portforward(api.connect_get_namespaced_pod_portforward, "box", ns, ports=str(target))
-        sock = pf.socket(target)
-        sock.setblocking(True)
-        sock.sendall(b"ping over portforward")
-        got = b""
-        deadline = time.monotonic() + 10
-        while len(got) < 21 and time.monotonic() < deadline:
-            got += sock.recv(1024)
-        assert got == b"ping over portforward"
-        sock.close()
-        pf.close()
-    finally:
-        srv.close()
+    target = echo_port
+    pf = portforward(api.connect_get_namespaced_pod_portforward, "echo", ns, ports=str(target))
+    sock = pf.socket(target)
+    sock.setblocking(True)
+    sock.sendall(b"ping over portforward")
+    got = b""
+    deadline = time.monotonic() + 10
+    while len(got) < 21 and time.monotonic() < deadline:
+        got += sock.recv(1024)
+    assert got == b"ping over portforward"
+    sock.close()
+    pf.close()
 
 
 def test_exec_refusals(box: tuple[Cluster, str]) -> None:

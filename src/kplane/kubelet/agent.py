@@ -65,6 +65,7 @@ class NodeAgent:
         self.tasks: list[asyncio.Task[None]] = []
         self.ready = asyncio.Event()
         self.pods: Any = None  # PodManager
+        self.net: Any = None  # PodNetwork
         self.node_uid = ""
         self.server: Any = None  # KubeletServer, started once the serving certificate is issued
 
@@ -128,8 +129,11 @@ class NodeAgent:
         await self.ensure_credentials()
         self.client = self._node_client()
         await self.register()
+        from kplane.kubelet.podnet import PodNetwork
         from kplane.kubelet.pods import PodManager
 
+        self.net = PodNetwork(self.cfg, lambda: self.client)
+        await self.net.start()
         self.pods = PodManager(self)
         await self.pods.start()
         self.tasks = [
@@ -150,6 +154,8 @@ class NodeAgent:
             await self.server.stop()
         if self.pods is not None:
             await self.pods.stop()
+        if self.net is not None:
+            await self.net.stop()  # the pods' network stays with them
         if self.client is not None:
             await self.client.close()
 

@@ -25,6 +25,7 @@ import aiohttp
 from kplane.api import meta
 from kplane.client import informer
 from kplane.errors import StatusError
+from kplane.kubelet.podnet import NetworkNotReady
 from kplane.kubelet.runtime import ContainerSpec, ProcessRuntime
 from kplane.kubelet.volumes import PodVolumes, VolumeError, VolumeManager
 
@@ -106,6 +107,7 @@ class PodWorker:
     volumes: PodVolumes | None = None
     last_status: Obj | None = None
     start_time: str = ""
+    ip: str = ""  # the pod's IP once its network is set up
 
 
 class PodManager:
@@ -122,6 +124,7 @@ class PodManager:
         self._svc_task: asyncio.Task[None] | None = None
         self.services: dict[str, dict[str, Obj]] = {}  # namespace -> name -> Service (for pods' environment)
         self.is_root = os.geteuid() == 0 and shutil.which("unshare") is not None
+        self.net = agent.net  # PodNetwork: a network namespace per pod, or the host's network
         url = urlparse(agent.cfg.server)
         self.api_host, self.api_port = url.hostname or "127.0.0.1", str(url.port or 443)
 
@@ -196,6 +199,7 @@ class PodManager:
                 with contextlib.suppress(Exception):
                     self.runtime.remove(cid, force=True)
                 self.volumes.cleanup(p[0])
+        await self.net.reap(known)
 
     # --- the worker ---------------------------------------------------------------------------------------
 
@@ -246,6 +250,8 @@ class PodManager:
         uid = pod["metadata"]["uid"]
         if not w.start_time:
             w.start_time = rfc3339()
+        if not await self._network(w):
+            return
         if w.volumes is None:
             try:
                 w.volumes = await self.volumes.prepare(pod)
@@ -278,6 +284,37 @@ class PodManager:
                     await self._maybe_start(w, c, init=False)
         await self._report(w)
         del uid
+
+    async def _network(self, w: PodWorker) -> bool:
+        """The pod's network (sandbox): its IP and namespace; False while it cannot be set up (the pod waits).
+        A finished pod gives its namespace and IP back (its status keeps showing the IP, as upstream)."""
+        pod, st = w.pod, w.pod.get("status") or {}
+        if st.get("phase") in ("Succeeded", "Failed"):
+            w.ip = w.ip or st.get("podIP") or self.agent.cfg.node_ip
+            await self.net.teardown_pod(pod["metadata"]["uid"])
+            return True
+        if w.ip:
+            return True
+        try:
+            w.ip = await self.net.setup_pod(pod)
+        except NetworkNotReady as exc:
+            for c in self._containers(pod)[0] + self._containers(pod)[1]:
+                w.records.setdefault(c["name"], ContainerRecord()).waiting = ("ContainerCreating", f"network: {exc}")
+            await self._report(w, volume_error=f"pod network not ready: {exc}")
+            await asyncio.sleep(1)
+            return False
+        if self.net.uses_host_network(pod) and not (pod.get("spec") or {}).get("hostNetwork") \
+                and not st.get("podIP"):
+            asyncio.create_task(self._post_event(self.net.fallback_event(pod)))
+        return True
+
+    def netns_path(self, w: PodWorker) -> str | None:
+        """The pod's network namespace, None when it uses the host's."""
+        return None if self.net.uses_host_network(w.pod) else self.net.netns_path(w.pod["metadata"]["uid"])
+
+    async def _post_event(self, ev: Obj) -> None:
+        with contextlib.suppress(StatusError, OSError, TimeoutError, aiohttp.ClientError):
+            await self.client_ref().create(f"/api/v1/namespaces/{ev['metadata']['namespace']}/events", ev)
 
     def _container_state(self, w: PodWorker, c: Obj) -> str:
         """absent | running | done (exit 0) | failed (exit != 0) | waiting (could not start)."""
@@ -355,7 +392,7 @@ class PodManager:
             if "fieldRef" in vf:
                 from kplane.kubelet.volumes import _downward_value
 
-                status = {"podIP": self.agent.cfg.node_ip, "hostIP": self.agent.cfg.node_ip}
+                status = {"podIP": w.ip or self.agent.cfg.node_ip, "hostIP": self.agent.cfg.node_ip}
                 env[name] = _downward_value({**pod, "status": status}, vf["fieldRef"])
             elif "configMapKeyRef" in vf or "secretKeyRef" in vf:
                 kind = "configMapRef" if "configMapKeyRef" in vf else "secretRef"
@@ -470,7 +507,8 @@ class PodManager:
             for m in mounts:
                 key = re.sub(r"[^A-Za-z0-9]", "_", m["target"]).strip("_").upper()
                 env[f"KPLANE_MOUNT_{key}"] = m["source"]
-        return ContainerSpec(argv=argv, env=env, cwd=c.get("workingDir") or None, stdin=bool(c.get("stdin")),
+        return ContainerSpec(argv=argv, env=env, cwd=c.get("workingDir") or None, netns=self.netns_path(w),
+                             stdin=bool(c.get("stdin")),
                              stdin_once=bool(c.get("stdinOnce")), tty=bool(c.get("tty")))
 
     def _state_of(self, cid: str) -> Obj | None:
@@ -544,9 +582,9 @@ class PodManager:
             cond("ContainersReady", all_ready and not done, "PodCompleted" if done else "ContainersNotReady"),
             cond("PodScheduled", True),
         ]
-        ip = self.agent.cfg.node_ip
-        status: Obj = {"phase": phase, "conditions": conds, "hostIP": ip, "hostIPs": [{"ip": ip}], "podIP": ip,
-                       "podIPs": [{"ip": ip}], "startTime": w.start_time, "containerStatuses": app_st,
+        ip, pod_ip = self.agent.cfg.node_ip, w.ip or self.agent.cfg.node_ip
+        status: Obj = {"phase": phase, "conditions": conds, "hostIP": ip, "hostIPs": [{"ip": ip}], "podIP": pod_ip,
+                       "podIPs": [{"ip": pod_ip}], "startTime": w.start_time, "containerStatuses": app_st,
                        "qosClass": (pod.get("status") or {}).get("qosClass", "BestEffort")}
         if init_st:
             status["initContainerStatuses"] = init_st
@@ -595,6 +633,7 @@ class PodManager:
             with contextlib.suppress(Exception):
                 self.runtime.remove(cid, force=True)
         self.volumes.cleanup(uid)
+        await self.net.teardown_pod(uid)
 
 
 def _ts(dt: datetime | None) -> str:

@@ -96,6 +96,7 @@ class ContainerSpec:
     tty: bool = False  # run on a pty (for ``kubectl attach -t``)
     stdin: bool = False  # keep the container's stdin open for attach
     stdin_once: bool = False  # close stdin when the first attached stdin client closes it/disconnects
+    netns: str | None = None  # path of a network namespace the container runs in (the shim enters it)
 
     @classmethod
     def from_container(cls, command: list[str] | None, args: list[str] | None, **kw: Any) -> ContainerSpec:
@@ -527,6 +528,7 @@ class ProcessRuntime:
             "tty": bool(spec.tty),
             "stdin": bool(spec.stdin),
             "stdin_once": bool(spec.stdin_once),
+            "netns": spec.netns,
         }
         tmp = d / ".spec.json.tmp"
         tmp.write_text(json.dumps(doc))
@@ -706,20 +708,23 @@ class ProcessRuntime:
 
     @staticmethod
     def _nsenter_prefix(pid: int) -> builtins.list[str]:
-        """``nsenter`` argv to join the container's mount namespace, if it has its own (and we are root)."""
+        """``nsenter`` argv to join the container's mount and network namespaces, those it has of its own (and
+        we are root)."""
         if os.geteuid() != 0:
             return []
-        try:
-            theirs = os.readlink(f"/proc/{pid}/ns/mnt")
-            ours = os.readlink("/proc/self/ns/mnt")
-        except OSError:
-            return []
-        if theirs == ours:
+        flags = []
+        for ns, flag in (("mnt", "--mount"), ("net", "--net")):
+            try:
+                if os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"):
+                    flags.append(flag)
+            except OSError:
+                continue
+        if not flags:
             return []
         nsenter = shutil.which("nsenter")
         if nsenter is None:
-            raise RuntimeError("the container has its own mount namespace, but nsenter (util-linux) is not installed")
-        return [nsenter, f"--target={pid}", "--mount", "--"]
+            raise RuntimeError("the container has its own namespaces, but nsenter (util-linux) is not installed")
+        return [nsenter, f"--target={pid}", *flags, "--"]
 
     async def exec(self, container_id: str, argv: Sequence[str], *, tty: bool, stdin: bool) -> ExecProcess:
         """Run ``argv`` in the running container: its env and cwd, inside its mount namespace (as root).

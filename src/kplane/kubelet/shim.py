@@ -431,6 +431,21 @@ def run(state: Path) -> int:
     writer = RotatingLogWriter(spec["log"], max_bytes=int(spec.get("log_max_bytes", 10 * 1024 * 1024)),
                                max_files=int(spec.get("log_max_files", 5)))
     started_at = now_rfc3339()
+    netns = spec.get("netns")
+    if netns:  # the pod's network namespace: the shim joins it, so the container and its children are in it
+        from kplane.kubelet.podnet import enter_netns
+
+        try:
+            enter_netns(str(netns))
+        except OSError as e:
+            msg = f"failed to start container: cannot join network namespace {netns}: {e.strerror or e}"
+            try:
+                writer.write_line("stderr", msg)
+                writer.close()
+            except OSError:
+                pass
+            _write_exit(state, code=128, sig=None, reason="StartError", started_at=started_at, message=msg)
+            return 0
     listener, sock_file = _listen(state)
     parent_fds: list[int] = []  # our ends
     child_fds: list[int] = []  # the container's ends, closed here once it runs

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from kplane.errors import StatusError
 from kplane.httpupgrade import UPGRADE_RESPONSE
+from kplane.kubelet import podnet
 from kplane.streams import channels, session
 
 if TYPE_CHECKING:
@@ -210,13 +211,17 @@ async def bridge_attach(runtime: Any, cid: str, sess: Any, *, tty: bool) -> None
 async def port_forward(server: KubeletServer, req: web.Request, ns: str, pod: str, uid: str | None,
                        ) -> web.StreamResponse:
     w = server.find_pod(ns, pod, uid)
-    host = (w.pod.get("status") or {}).get("podIP") or server.agent.cfg.node_ip
+    netns = server.agent.pods.netns_path(w)  # None: the pod uses the host's network
 
     async def dial(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """localhost:port inside the pod's network namespace, as upstream (a server bound only to 127.0.0.1 in
+        the pod is reachable)."""
         if not 0 < port < 65536:
             raise ValueError(f"invalid port {port}")
         try:
-            return await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+            if netns is not None:
+                return await asyncio.wait_for(podnet.open_connection_in_netns(netns, port, connect_timeout_s=10), 15)
+            return await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 10)
         except (OSError, TimeoutError) as exc:
             raise ConnectionError(f"failed to connect to localhost:{port} inside namespace of pod {pod}: "
                                   f"{exc}") from exc
