@@ -1,0 +1,725 @@
+"""Konnectivity, sans I/O: byte-level packet fixtures, identifiers, addresses, flow control, the clientset
+planner, the HTTP CONNECT codec, the relay core and the agent authorizer."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kplane.tunnel import konnectivity_pb2 as pb
+from kplane.tunnel import packets as P
+from kplane.tunnel.auth import AgentClaim, AgentRejected, Identity, NodeAgentAuthorizer, identity_from_token
+from kplane.tunnel.clientset import Backoff, ClientSetPlanner
+from kplane.tunnel.core import ERR_AGENT_GONE, ERR_DIAL_TIMEOUT, ERR_NO_AGENT, ProxyCore
+from kplane.tunnel.flow import FlowControlError, ReceiveBuffer, SendCredit, parse_window
+from kplane.tunnel.httpconnect import (
+    ESTABLISHED,
+    HTTPError,
+    connect_request,
+    error_response,
+    parse_connect,
+    parse_response,
+    status_for_dial_error,
+)
+from kplane.tunnel.packets import AddressPolicy, AgentIdentifiers, PacketType
+
+# --------------------------------------------------------------------------------------------------
+# byte fixtures: assembled by hand from upstream's field numbers (tag = field << 3 | wire type)
+# --------------------------------------------------------------------------------------------------
+
+ADDR = b"10.0.0.5:10250"
+FIXTURES: list[tuple[str, bytes, Any]] = [
+    (
+        # type DIAL_REQ (0) is the proto3 default and is not written; payload dialRequest is field 2
+        "dial_request",
+        b"\x12\x17" + b"\x0a\x03tcp" + b"\x12\x0e" + ADDR + b"\x18\x2a",
+        P.dial_request("10.0.0.5:10250", 42),
+    ),
+    (
+        "dial_response_ok",
+        b"\x08\x01" + b"\x1a\x04" + b"\x10\x07" + b"\x18\x2a",
+        P.dial_response(42, connect_id=7),
+    ),
+    (
+        "dial_response_error",
+        b"\x08\x01" + b"\x1a\x16" + b"\x0a\x12connection refused" + b"\x18\x2a",
+        P.dial_response(42, error="connection refused"),
+    ),
+    (
+        "data",
+        b"\x08\x04" + b"\x22\x09" + b"\x08\x07" + b"\x1a\x05hello",
+        P.data(7, b"hello"),
+    ),
+    ("close_request", b"\x08\x02" + b"\x2a\x02" + b"\x08\x07", P.close_request(7)),
+    ("close_response", b"\x08\x03" + b"\x32\x02" + b"\x10\x07", P.close_response(7)),
+    (
+        "close_response_error",
+        b"\x08\x03" + b"\x32\x15" + b"\x0a\x11Unknown connectID" + b"\x10\x07",
+        P.close_response(7, "Unknown connectID"),
+    ),
+    ("close_dial", b"\x08\x05" + b"\x3a\x02" + b"\x08\x2a", P.close_dial(42)),
+    ("drain", b"\x08\x06" + b"\x42\x00", P.drain()),
+    (
+        # int64 fields are plain varints: a negative value takes ten bytes
+        "dial_request_negative_random",
+        b"\x12\x1a" + b"\x0a\x03tcp" + b"\x12\x08" + b"a.b:8080" + b"\x18" + b"\xff" * 9 + b"\x01",
+        P.dial_request("a.b:8080", -1),
+    ),
+    (
+        # Go's rand.Int63(): up to 2^63-1
+        "dial_response_max_random",
+        b"\x08\x01" + b"\x1a\x0c" + b"\x10\x01" + b"\x18" + b"\xff" * 8 + b"\x7f",
+        P.dial_response(2**63 - 1, connect_id=1),
+    ),
+    (
+        # kplane extension: type 1000 and payload field 1000 (tag 8002 = c2 3e)
+        "window_update",
+        b"\x08\xe8\x07" + b"\xc2\x3e\x06" + b"\x08\x07" + b"\x10\x80\x80\x04",
+        P.window_update(7, 65536),
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "wire", "message"), FIXTURES, ids=[f[0] for f in FIXTURES])
+def test_fixture_decodes_and_reencodes_identically(name: str, wire: bytes, message: Any) -> None:
+    decoded = P.decode(wire)
+    assert decoded == message
+    P.check(decoded)
+    assert P.encode(decoded) == wire
+    assert P.encode(message) == wire
+
+
+def test_bare_drain_is_accepted() -> None:
+    # upstream's tests send Packet{Type: DRAIN} without a payload
+    p = P.decode(b"\x08\x06")
+    assert p.type == PacketType.DRAIN
+    P.check(p)
+
+
+def test_unknown_fields_survive_a_round_trip() -> None:
+    # an old upstream Packet carried `Network dest = 9`; an unknown field must not break decoding
+    wire = b"\x08\x04" + b"\x22\x09\x08\x07\x1a\x05hello" + b"\x48\x02"
+    p = P.decode(wire)
+    assert p.data.data == b"hello"
+    assert P.encode(p) == wire
+
+
+def test_service_and_message_names_are_package_less() -> None:
+    assert pb.DESCRIPTOR.package == ""
+    assert pb.DESCRIPTOR.services_by_name["AgentService"].methods_by_name["Connect"].full_name == \
+        "AgentService.Connect"
+    assert pb.DESCRIPTOR.services_by_name["ProxyService"].methods_by_name["Proxy"].full_name == "ProxyService.Proxy"
+    assert pb.Packet.DESCRIPTOR.full_name == "Packet"
+    fields = {f.name: f.number for f in pb.Packet.DESCRIPTOR.fields}
+    assert fields == {"type": 1, "dialRequest": 2, "dialResponse": 3, "data": 4, "closeRequest": 5,
+                      "closeResponse": 6, "closeDial": 7, "drain": 8, "windowUpdate": 1000}
+    assert [(v.name, v.number) for v in pb.PacketType.DESCRIPTOR.values][:7] == [
+        ("DIAL_REQ", 0), ("DIAL_RSP", 1), ("CLOSE_REQ", 2), ("CLOSE_RSP", 3), ("DATA", 4), ("DIAL_CLS", 5),
+        ("DRAIN", 6)]
+
+
+@pytest.mark.parametrize("wire", [b"\x12\x05\x0a", b"\xff", b"\x22\x80\x80\x80\x80\x10"])
+def test_undecodable_bytes_raise_packet_error(wire: bytes) -> None:
+    with pytest.raises(P.PacketError):
+        P.decode(wire)
+
+
+def test_payload_must_match_type() -> None:
+    with pytest.raises(P.PacketError):
+        P.check(pb.Packet(type=pb.DATA))  # DATA without a data payload
+    with pytest.raises(P.PacketError):
+        P.check(pb.Packet(type=pb.DATA, closeRequest=pb.CloseRequest(connectID=1)))
+    with pytest.raises(P.PacketError):
+        P.check(pb.Packet(type=77, data=pb.Data()))
+
+
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_never_raise_anything_but_packet_error(wire: bytes) -> None:
+    try:
+        p = P.decode(wire)
+        P.check(p)
+    except P.PacketError:
+        pass
+
+
+@given(st.integers(-(2**63), 2**63 - 1), st.binary(max_size=300), st.text(max_size=50))
+def test_data_round_trip(cid: int, payload: bytes, err: str) -> None:
+    p = P.data(cid, payload, err)
+    assert P.decode(P.encode(p)) == p
+
+
+# --------------------------------------------------------------------------------------------------
+# identifiers and addresses
+# --------------------------------------------------------------------------------------------------
+
+
+def test_identifiers_parse_upstream_example() -> None:
+    ids = AgentIdentifiers.parse(
+        "host=node1&host=10.0.0.5&ipv4=1.2.3.4&ipv6=%3A%3A1&cidr=10.0.0.0/16&default-route=true&future=x")
+    assert ids.hosts == ("node1", "10.0.0.5")
+    assert ids.ipv4 == ("1.2.3.4",)
+    assert ids.ipv6 == ("::1",)
+    assert ids.cidrs == ("10.0.0.0/16",)
+    assert ids.default_route
+    assert ids.matches_host("10.0.0.5") and ids.matches_host("node1") and ids.matches_host("::1")
+    assert ids.matches_cidr("10.0.200.1") and not ids.matches_cidr("10.1.0.1")
+    assert AgentIdentifiers.parse(ids.format()) == ids
+
+
+@pytest.mark.parametrize("text", ["ipv4=1.2.3", "ipv4=::1", "ipv6=1.2.3.4", "cidr=10.0.0.0/33",
+                                  "default-route=maybe", "host=bad host", "host=a&&", "x" * 5000])
+def test_identifiers_reject_malformed_values(text: str) -> None:
+    with pytest.raises(ValueError):
+        AgentIdentifiers.parse(text)
+
+
+def test_empty_identifiers_cover_nothing() -> None:
+    ids = AgentIdentifiers.parse("")
+    assert ids == AgentIdentifiers()
+    assert not ids.covers("10.0.0.1")
+    assert AgentIdentifiers.of(default_route=True).covers("8.8.8.8")
+
+
+@pytest.mark.parametrize(("addr", "want"), [
+    ("10.0.0.5:10250", ("10.0.0.5", 10250)),
+    ("[fd00::1]:443", ("fd00::1", 443)),
+    ("Node-1.Example.:80", ("node-1.example", 80)),
+])
+def test_split_host_port(addr: str, want: tuple[str, int]) -> None:
+    assert P.split_host_port(addr) == want
+
+
+@pytest.mark.parametrize("addr", ["", "10.0.0.5", "10.0.0.5:0", "10.0.0.5:65536", "fd00::1:80", "[fd00::1]80",
+                                  "a b:80", "host:8o", "[1.2.3.4]:80", "x" * 400 + ":80", "h\x00:80"])
+def test_split_host_port_rejects(addr: str) -> None:
+    with pytest.raises(ValueError):
+        P.split_host_port(addr)
+
+
+def test_address_policy() -> None:
+    pol = AddressPolicy.parse(["10.0.0.5", "10.1.0.0/24", "127.0.0.1:8080", "[::1]:443", "node1"])
+    assert pol.allows("10.0.0.5", 1) and pol.allows("10.1.0.77", 22)
+    assert pol.allows("127.0.0.1", 8080) and not pol.allows("127.0.0.1", 8081)
+    assert pol.allows("::1", 443) and not pol.allows("::1", 80)
+    assert pol.allows("NODE1", 10250) and not pol.allows("node2", 10250)
+    assert not pol.allows("10.0.0.6", 1)
+    assert AddressPolicy.parse(["*"]).allows("203.0.113.9", 9)
+    default = AddressPolicy.from_identifiers(AgentIdentifiers.parse("ipv4=10.0.0.5&default-route=true"))
+    assert default.allows("10.0.0.5", 10250) and not default.allows("10.0.0.6", 10250)
+
+
+# --------------------------------------------------------------------------------------------------
+# flow control
+# --------------------------------------------------------------------------------------------------
+
+
+def test_window_negotiation_values() -> None:
+    assert parse_window("1048576") == 1 << 20
+    assert parse_window(b"65536") == 65536
+    for bad in (None, "", "abc", "-5", "1", str(1 << 40), b"\xff"):
+        assert parse_window(bad) is None
+
+
+def test_send_credit() -> None:
+    c = SendCredit(100, ceiling=200)
+    assert c.take(60) == 60 and c.take(60) == 40 and c.take(1) == 0
+    c.give(150)
+    with pytest.raises(FlowControlError):
+        c.give(100)  # above the ceiling
+    with pytest.raises(FlowControlError):
+        c.give(0)
+
+
+def test_receive_buffer_with_window_grants_half_windows_and_enforces_it() -> None:
+    rb = ReceiveBuffer(window=1000)
+    rb.received(1000)
+    with pytest.raises(FlowControlError):
+        rb.received(1)
+    assert rb.consumed(400) == 0
+    assert rb.consumed(100) == 500
+    rb.received(500)
+
+
+def test_receive_buffer_without_window_only_limits() -> None:
+    rb = ReceiveBuffer(window=None, limit=10)
+    rb.received(10)
+    assert rb.consumed(10) == 0
+    rb.received(10)
+    with pytest.raises(FlowControlError, match="not reading"):
+        rb.received(1)
+
+
+# --------------------------------------------------------------------------------------------------
+# clientset planner
+# --------------------------------------------------------------------------------------------------
+
+
+def test_backoff_is_capped_and_jittered() -> None:
+    b = Backoff(base=0.5, cap=3.0, jitter=0.5)
+    rng = random.Random(1)
+    delays = [b.delay(n, rng) for n in range(1, 12)]
+    assert b.delay(0, rng) == 0
+    assert all(0 < d <= 3.0 for d in delays)
+    assert delays[0] <= 0.5 and max(delays[5:]) > 1.5
+
+
+def test_planner_single_address_discovers_server_count() -> None:
+    p = ClientSetPlanner(["lb:8132"], backoff=Backoff(1, 8), sync_interval=1.0, rng=random.Random(0))
+    addr, wait = p.next_dial(0)
+    assert addr == "lb:8132" and wait == 0
+    assert p.next_dial(0) == (None, None)  # one attempt at a time per address
+    assert p.on_connected("lb:8132", "s1", 2, 0)
+    # servercount 2, only one held: dial the load balancer again at once
+    assert p.next_dial(0)[0] == "lb:8132"
+    assert not p.on_connected("lb:8132", "s1", 2, 0)  # duplicate: wait a sync interval
+    addr, wait = p.next_dial(0)
+    assert addr is None and wait is not None and 0 < wait <= 1.0
+    assert p.next_dial(1.0)[0] == "lb:8132"
+    assert p.on_connected("lb:8132", "s2", 2, 1.0)
+    assert p.next_dial(1.0) == (None, None)
+    p.on_disconnected("s1", 5.0)
+    assert p.next_dial(5.0)[0] == "lb:8132"
+
+
+def test_planner_address_list_and_failures() -> None:
+    p = ClientSetPlanner(["a:1", "b:1"], backoff=Backoff(1, 4, jitter=0), rng=random.Random(0))
+    assert {p.next_dial(0)[0], p.next_dial(0)[0]} == {"a:1", "b:1"}
+    assert p.on_connected("a:1", "s1", 1, 0)
+    assert p.on_failed("b:1", 0) == 1
+    assert p.next_dial(0.5) == (None, 0.5)
+    assert p.next_dial(1)[0] == "b:1"
+    assert p.on_failed("b:1", 1) == 2
+    assert p.next_dial(3)[0] == "b:1"
+    assert p.on_failed("b:1", 3) == 4
+    assert p.next_dial(7)[0] == "b:1"
+    assert p.on_failed("b:1", 7) == 4  # capped
+    assert p.next_dial(11)[0] == "b:1"
+    # b reaches the server a already holds: b is covered until that server goes
+    assert not p.on_connected("b:1", "s1", 1, 11)
+    assert p.next_dial(100) == (None, None)
+    p.on_disconnected("s1", 100)
+    assert {p.next_dial(100)[0], p.next_dial(100)[0]} == {"a:1", "b:1"}
+
+
+def test_planner_needs_an_address() -> None:
+    with pytest.raises(ValueError):
+        ClientSetPlanner([])
+
+
+# --------------------------------------------------------------------------------------------------
+# HTTP CONNECT codec
+# --------------------------------------------------------------------------------------------------
+
+REQ = b"CONNECT 10.0.0.5:10250 HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: x\r\n\r\n"
+
+
+def _feed_bytewise(data: bytes) -> Any:
+    for i in range(len(data) + 1):
+        r = parse_connect(data[:i])
+        if r is not None:
+            return r, i
+    return None, None
+
+
+def test_connect_parsed_whole_bytewise_and_with_trailing_bytes() -> None:
+    r = parse_connect(REQ)
+    assert r is not None and (r.host, r.port, r.head_length) == ("10.0.0.5", 10250, len(REQ))
+    r2, at = _feed_bytewise(REQ)
+    assert r2 == r and at == len(REQ)
+    r3 = parse_connect(REQ + b"\x16\x03\x01early tls bytes")
+    assert r3 == r
+    assert parse_connect(connect_request("fd00::1", 443)).address == "[fd00::1]:443"
+
+
+@pytest.mark.parametrize(("req", "status"), [
+    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+    (b"CONNECT 10.0.0.5 HTTP/1.1\r\n\r\n", 400),
+    (b"CONNECT 10.0.0.5:99999 HTTP/1.1\r\n\r\n", 400),
+    (b"CONNECT a:1 HTTP/2.0\r\n\r\n", 505),
+    (b"CONNECT a:1 FOO\r\n\r\n", 400),
+    (b"CONNECT  a:1 HTTP/1.1\r\n\r\n", 400),
+    (b"CONNECT a:1 HTTP/1.1\r\nno colon\r\n\r\n", 400),
+    (b"CONNECT a:1 HTTP/1.1\r\nX-\xff: 1\r\n\r\n", 400),
+    (b"\x00\x01garbage\r\n\r\n", 400),
+])
+def test_connect_errors(req: bytes, status: int) -> None:
+    with pytest.raises(HTTPError) as ei:
+        parse_connect(req)
+    assert ei.value.status == status
+
+
+def test_connect_oversized() -> None:
+    with pytest.raises(HTTPError) as ei:
+        parse_connect(b"CONNECT " + b"a" * 10000)
+    assert ei.value.status == 414
+    with pytest.raises(HTTPError) as ei:
+        parse_connect(b"CONNECT a:1 HTTP/1.1\r\n" + b"X: y\r\n" * 4000)
+    assert ei.value.status == 431
+    with pytest.raises(HTTPError) as ei:
+        parse_connect(b"CONNECT a:1 HTTP/1.1\r\n" + b"X: y\r\n" * 4000 + b"\r\n")
+    assert ei.value.status == 431
+
+
+def test_responses() -> None:
+    r = parse_response(ESTABLISHED + b"server speaks first")
+    assert r is not None and r.status == 200 and r.head_length == len(ESTABLISHED)
+    e = error_response(503, "no agent\r\nX-Injected: 1")
+    r = parse_response(e)
+    assert r is not None and r.status == 503
+    assert b"X-Injected" not in e[: r.head_length]
+    assert parse_response(b"HTTP/1.1 200 OK\r\n") is None
+    with pytest.raises(ValueError):
+        parse_response(b"SSH-2.0-OpenSSH\r\n\r\n")
+
+
+@pytest.mark.parametrize(("err", "status"), [
+    ("dial tcp 10.0.0.1:80: i/o timeout", 504), (ERR_DIAL_TIMEOUT, 504), ("dial to x is not allowed", 403),
+    (f"{ERR_NO_AGENT} for 10.0.0.1", 503), ("dial tcp 10.0.0.1:80: Connection refused", 502),
+    (ERR_AGENT_GONE, 502)])
+def test_dial_error_statuses(err: str, status: int) -> None:
+    assert status_for_dial_error(err) == status
+
+
+# --------------------------------------------------------------------------------------------------
+# relay core
+# --------------------------------------------------------------------------------------------------
+
+
+class FakeLink:
+    def __init__(self) -> None:
+        self.sent: list[pb.Packet] = []
+        self.closed: str | None = None
+        self.woken: list[int] = []
+
+    def send(self, packet: pb.Packet) -> None:
+        self.sent.append(packet)
+
+    def close(self, reason: str) -> None:
+        self.closed = reason
+
+    def wake(self, cid: int) -> None:
+        self.woken.append(cid)
+
+    def take(self) -> list[pb.Packet]:
+        out, self.sent = self.sent, []
+        return out
+
+
+class FakeTimers:
+    def __init__(self) -> None:
+        self.pending: list[tuple[float, Any, list[bool]]] = []
+
+    def __call__(self, delay: float, fn: Any) -> Any:
+        flag = [False]
+        self.pending.append((delay, fn, flag))
+
+        class H:
+            def cancel(self) -> None:
+                flag[0] = True
+
+        return H()
+
+    def fire_all(self) -> None:
+        pending, self.pending = self.pending, []
+        for _, fn, cancelled in pending:
+            if not cancelled[0]:
+                fn()
+
+
+def _core(**kw: Any) -> tuple[ProxyCore, FakeTimers]:
+    timers = FakeTimers()
+    return ProxyCore(schedule=timers, rng=random.Random(0), **kw), timers
+
+
+def _agent(core: ProxyCore, name: str, ids: str, window: int | None = None) -> tuple[Any, FakeLink]:
+    link = FakeLink()
+    return core.add_agent(name, AgentIdentifiers.parse(ids), f"system:node:{name}", link, window), link
+
+
+def test_core_dial_data_close_round_trip_with_renumbering() -> None:
+    core, _ = _core()
+    agent, alink = _agent(core, "n1", "ipv4=10.0.0.1")
+    flink = FakeLink()
+    f = core.add_frontend(flink, "grpc")
+    core.dial(f, 999, "tcp", "10.0.0.1:10250")
+    (req,) = alink.take()
+    assert req.type == PacketType.DIAL_REQ and req.dialRequest.address == "10.0.0.1:10250"
+    assert req.dialRequest.random != 999  # the server picks its own dial id toward the agent
+    core.from_agent(agent, P.dial_response(req.dialRequest.random, connect_id=55))
+    (rsp,) = flink.take()
+    assert rsp.dialResponse.random == 999 and rsp.dialResponse.connectID == 1 and not rsp.dialResponse.error
+    assert core.frontend_data(f, 1, b"ping") == 4
+    assert alink.take() == [P.data(55, b"ping")]
+    core.from_agent(agent, P.data(55, b"pong"))
+    assert flink.take() == [P.data(1, b"pong")]
+    assert core.frontend_close(f, 1)
+    assert alink.take() == [P.close_request(55)]
+    core.from_agent(agent, P.close_response(55))
+    assert flink.take() == [P.close_response(1)]
+    assert core.gauges()["established_connections"] == 0
+
+
+def test_core_routes_dest_host_first_then_only_declared_defaults() -> None:
+    core, _ = _core(strategies=("destHost", "default"))
+    _a1, l1 = _agent(core, "n1", "ipv4=10.0.0.1&cidr=10.42.1.0/24")
+    _a2, l2 = _agent(core, "n2", "ipv4=10.0.0.2&default-route=true")
+    flink = FakeLink()
+    f = core.add_frontend(flink, "http-connect")
+    core.dial(f, 1, "tcp", "10.0.0.1:10250")
+    assert len(l1.take()) == 1 and not l2.sent
+    core.dial(f, 2, "tcp", "10.42.1.7:8080")  # inside n1's cidr: n1 (n2 is a default route too)
+    core.dial(f, 3, "tcp", "10.42.1.8:8080")
+    core.dial(f, 4, "tcp", "10.42.1.9:8080")
+    assert len(l1.sent) + len(l2.sent) == 3
+    l1.take()
+    l2.take()
+    core.dial(f, 5, "tcp", "192.0.2.1:80")  # only the default-route agent declared that
+    assert len(l2.take()) == 1 and not l1.sent
+
+
+def test_core_refuses_undeclared_destinations() -> None:
+    core, _ = _core()
+    _agent(core, "n1", "ipv4=10.0.0.1")
+    flink = FakeLink()
+    f = core.add_frontend(flink, "grpc")
+    core.dial(f, 7, "tcp", "10.0.0.99:22")
+    (rsp,) = flink.take()
+    assert rsp.dialResponse.random == 7 and ERR_NO_AGENT in rsp.dialResponse.error
+    # without only_declared the default strategy picks any agent, as upstream does
+    core2, _ = _core(only_declared=False)
+    _, link2 = _agent(core2, "n1", "ipv4=10.0.0.1")
+    core2.dial(core2.add_frontend(FakeLink(), "grpc"), 7, "tcp", "10.0.0.99:22")
+    assert len(link2.take()) == 1
+
+
+def test_core_prefers_non_draining_agents() -> None:
+    core, _ = _core()
+    a1, l1 = _agent(core, "n1", "host=node")
+    _a2, l2 = _agent(core, "n2", "host=node")
+    core.from_agent(a1, P.drain())
+    f = core.add_frontend(FakeLink(), "grpc")
+    for i in range(20):
+        core.dial(f, i, "tcp", "node:1")
+    assert not l1.sent and len(l2.sent) == 20
+
+
+def test_core_fails_pending_dials_fast_when_the_agent_drops() -> None:
+    core, _ = _core()
+    agent, _alink = _agent(core, "n1", "ipv4=10.0.0.1")
+    flink = FakeLink()
+    f = core.add_frontend(flink, "grpc")
+    core.dial(f, 1, "tcp", "10.0.0.1:1")
+    core.remove_agent(agent)
+    (rsp,) = flink.take()
+    assert rsp.dialResponse.random == 1 and ERR_AGENT_GONE in rsp.dialResponse.error
+    core.dial(f, 2, "tcp", "10.0.0.1:1")
+    assert ERR_NO_AGENT in flink.take()[0].dialResponse.error
+
+
+def test_core_dial_timeout_tells_both_sides() -> None:
+    core, timers = _core()
+    _, alink = _agent(core, "n1", "ipv4=10.0.0.1")
+    flink = FakeLink()
+    f = core.add_frontend(flink, "grpc")
+    core.dial(f, 1, "tcp", "10.0.0.1:1")
+    (req,) = alink.take()
+    timers.fire_all()
+    assert flink.take()[0].dialResponse.error == ERR_DIAL_TIMEOUT
+    assert alink.take() == [P.close_dial(req.dialRequest.random)]
+    # a late answer is cleaned up
+    core.from_agent(core.agents["n1"], P.dial_response(req.dialRequest.random, connect_id=9))
+    assert alink.take() == [P.close_request(9)]
+    assert not flink.sent
+
+
+def test_core_agent_replacement_closes_the_old_stream() -> None:
+    core, _ = _core()
+    old, old_link = _agent(core, "n1", "ipv4=10.0.0.1")
+    flink = FakeLink()
+    f = core.add_frontend(flink, "grpc")
+    core.dial(f, 1, "tcp", "10.0.0.1:1")
+    req = old_link.take()[0]
+    core.from_agent(old, P.dial_response(req.dialRequest.random, connect_id=3))
+    flink.take()
+    new, new_link = _agent(core, "n1", "ipv4=10.0.0.1")
+    assert old_link.closed and core.agents["n1"] is new
+    assert flink.take() == [P.close_response(1, ERR_AGENT_GONE)]
+    core.from_agent(old, P.data(3, b"late"))  # the old stream is dead to the relay
+    assert not flink.sent and not new_link.sent
+
+
+def test_core_answers_agent_packets_for_unknown_connections() -> None:
+    core, _ = _core()
+    agent, alink = _agent(core, "n1", "ipv4=10.0.0.1")
+    core.from_agent(agent, P.data(77, b"x"))
+    core.from_agent(agent, P.dial_response(12345, connect_id=5))
+    core.from_agent(agent, P.dial_request("10.0.0.1:1", 1))  # agents don't dial servers
+    core.from_agent(agent, pb.Packet(type=pb.DATA))  # malformed
+    assert alink.take() == [P.close_request(77), P.close_request(5)]
+    assert core.stats["agent_bad_packet"] == 1 and core.stats["agent_unexpected_packet"] == 1
+
+
+def test_core_frontends_cannot_touch_each_others_connections() -> None:
+    core, _ = _core()
+    agent, alink = _agent(core, "n1", "ipv4=10.0.0.1")
+    fa, fb = FakeLink(), FakeLink()
+    a = core.add_frontend(fa, "grpc")
+    b = core.add_frontend(fb, "grpc")
+    core.dial(a, 1, "tcp", "10.0.0.1:1")
+    core.from_agent(agent, P.dial_response(alink.take()[0].dialRequest.random, connect_id=3))
+    assert core.frontend_data(b, 1, b"steal") == -1
+    assert not core.frontend_close(b, 1)
+    core.cancel_dial(b, 1)
+    assert not alink.sent
+
+
+def test_core_windowed_agent_flow_control() -> None:
+    core, _ = _core(window=1000)
+    agent, alink = _agent(core, "n1", "ipv4=10.0.0.1", window=2000)
+    flink = FakeLink()
+    f = core.add_frontend(flink, "grpc")
+    core.dial(f, 1, "tcp", "10.0.0.1:1")
+    core.from_agent(agent, P.dial_response(alink.take()[0].dialRequest.random, connect_id=3))
+    flink.take()
+    # toward the agent: at most its announced 2000 bytes until it grants more
+    assert core.frontend_data(f, 1, b"x" * 5000) == 2000
+    assert core.frontend_data(f, 1, b"x") == 0
+    alink.take()
+    core.from_agent(agent, P.window_update(3, 500))
+    assert 1 in flink.woken
+    assert core.frontend_data(f, 1, b"x" * 5000) == 500
+    # from the agent: our window is 1000; consuming half of it grants it back
+    core.from_agent(agent, P.data(3, b"y" * 600))
+    flink.take()
+    alink.take()
+    core.frontend_consumed(f, 1, 600)
+    assert alink.take() == [P.window_update(3, 600)]
+    # an agent that overruns the window loses that connection, not the stream
+    core.from_agent(agent, P.data(3, b"y" * 1001))
+    assert alink.take() == [P.close_request(3)]
+    assert flink.take()[-1].type == PacketType.CLOSE_RSP
+    assert not alink.closed
+
+
+def test_core_unwindowed_agent_gets_local_credit_and_a_buffer_limit() -> None:
+    core, _ = _core(window=1000, buffer_limit=100)
+    agent, alink = _agent(core, "n1", "ipv4=10.0.0.1", window=None)  # an upstream agent
+    flink = FakeLink()
+    f = core.add_frontend(flink, "grpc")
+    core.dial(f, 1, "tcp", "10.0.0.1:1")
+    core.from_agent(agent, P.dial_response(alink.take()[0].dialRequest.random, connect_id=3))
+    flink.take()
+    n = core.frontend_data(f, 1, b"x" * (2 << 20))
+    assert 0 < n < (2 << 20)
+    (pkt,) = alink.take()
+    core.agent_sent(agent, pkt)  # written to gRPC: credit back
+    assert core.frontend_data(f, 1, b"x") == 1
+    core.from_agent(agent, P.data(3, b"y" * 100))
+    core.from_agent(agent, P.data(3, b"y"))  # the frontend is not reading: over the limit
+    assert alink.take()[-1] == P.close_request(3)
+    assert core.frontend_consumed(f, 1, 10) is None
+
+
+def test_core_removing_a_frontend_cleans_up_at_the_agent() -> None:
+    core, _ = _core()
+    agent, alink = _agent(core, "n1", "ipv4=10.0.0.1")
+    f = core.add_frontend(FakeLink(), "grpc")
+    core.dial(f, 1, "tcp", "10.0.0.1:1")
+    core.dial(f, 2, "tcp", "10.0.0.1:2")
+    r1, r2 = (p.dialRequest.random for p in alink.take())
+    core.from_agent(agent, P.dial_response(r1, connect_id=8))
+    core.remove_frontend(f)
+    assert alink.take() == [P.close_dial(r2), P.close_request(8)]
+
+
+def test_core_bounds_and_validation() -> None:
+    core, _ = _core()
+    _agent(core, "n1", "ipv4=10.0.0.1")
+    flink = FakeLink()
+    f = core.add_frontend(flink, "grpc")
+    core.dial(f, 1, "udp", "10.0.0.1:1")
+    core.dial(f, 2, "tcp", "not an address")
+    for i in range(300):
+        core.dial(f, 100 + i, "tcp", "10.0.0.1:1")
+    core.dial(f, 100, "tcp", "10.0.0.1:1")
+    errs = [p.dialResponse.error for p in flink.take()]
+    assert "unsupported protocol" in errs[0] and "invalid address" in errs[1]
+    assert errs.count("too many pending dials") == 300 - 256 and errs[-1] == "duplicate dial id"
+    with pytest.raises(ValueError):
+        ProxyCore(strategies=("destCIDRx",))
+
+
+# --------------------------------------------------------------------------------------------------
+# agent authorization
+# --------------------------------------------------------------------------------------------------
+
+
+async def _owned(node: str) -> list[str]:
+    return {"n1": ["10.0.0.1", "fd00::1", "10.42.1.0/24"]}.get(node, [])
+
+
+NODE1 = Identity(user="system:node:n1", groups=("system:nodes", "system:authenticated"))
+
+
+@pytest.mark.parametrize(("ident", "agent_id", "ids"), [
+    (NODE1, "n1", ""),
+    (NODE1, "n1", "host=n1&ipv4=10.0.0.1&ipv6=fd00::1&cidr=10.42.1.128/25"),
+    (Identity(user="system:serviceaccount:kube-system:konnectivity-agent",
+              extra={"authentication.kubernetes.io/node-name": ("n1",)}, method="token"), "n1", "ipv4=10.0.0.1"),
+    (Identity(user="system:serviceaccount:kube-system:konnectivity-agent", method="token"), "anything", ""),
+])
+async def test_authorizer_allows(ident: Identity, agent_id: str, ids: str) -> None:
+    await NodeAgentAuthorizer(node_addresses=_owned)(AgentClaim(ident, agent_id, AgentIdentifiers.parse(ids)))
+
+
+@pytest.mark.parametrize(("ident", "agent_id", "ids", "why"), [
+    (NODE1, "n2", "", "does not match"),
+    (NODE1, "n1", "ipv4=10.0.0.2", "does not own"),
+    (NODE1, "n1", "host=n2", "does not own"),
+    (NODE1, "n1", "cidr=10.42.0.0/16", "does not own"),
+    (NODE1, "n1", "default-route=true", "default-route"),
+    (Identity(user="system:node:n1"), "n1", "", "may not connect"),  # not in system:nodes
+    (Identity(user="alice", groups=("system:masters",)), "n1", "", "may not connect"),
+    (Identity(user="system:serviceaccount:kube-system:konnectivity-agent", method="token"), "n1", "ipv4=10.0.0.1",
+     "not bound to a node"),
+    (Identity(user="system:serviceaccount:default:default", method="token"), "n1", "", "may not connect"),
+])
+async def test_authorizer_refuses(ident: Identity, agent_id: str, ids: str, why: str) -> None:
+    with pytest.raises(AgentRejected, match=why):
+        await NodeAgentAuthorizer(node_addresses=_owned)(AgentClaim(ident, agent_id, AgentIdentifiers.parse(ids)))
+
+
+async def test_authorizer_without_node_addresses_only_allows_the_node_name() -> None:
+    auth = NodeAgentAuthorizer()
+    await auth(AgentClaim(NODE1, "n1", AgentIdentifiers.parse("host=n1")))
+    with pytest.raises(AgentRejected):
+        await auth(AgentClaim(NODE1, "n1", AgentIdentifiers.parse("ipv4=10.0.0.1")))
+
+
+@pytest.mark.parametrize(("status", "ok"), [
+    ({"authenticated": True, "user": {"username": "u", "groups": ["g"]}, "audiences": ["system:konnectivity-server"]},
+     True),
+    ({"authenticated": True, "user": {"username": "u"}}, True),
+    ({"authenticated": False, "error": ""}, False),
+    ({"authenticated": True, "user": {"username": "u"}, "audiences": ["api"]}, False),
+    ({"authenticated": True, "user": {}}, False),
+    ({"error": "token expired"}, False),
+])
+async def test_token_review_outcomes(status: dict[str, Any], ok: bool) -> None:
+    seen: list[Any] = []
+
+    async def reviewer(token: str, audiences: Any) -> dict[str, Any]:
+        seen.append((token, list(audiences)))
+        return status
+
+    if ok:
+        ident = await identity_from_token(reviewer, "tok", "system:konnectivity-server")
+        assert ident.user == "u" and ident.method == "token"
+    else:
+        with pytest.raises(AgentRejected):
+            await identity_from_token(reviewer, "tok", "system:konnectivity-server")
+    assert seen == [("tok", ["system:konnectivity-server"])]
