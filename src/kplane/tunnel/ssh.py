@@ -247,15 +247,16 @@ class SSHTunneler:
         return [t.status() for t in sorted(self._tunnels.values(), key=lambda t: t.node.name)]
 
     async def _stop(self, t: _Tunnel) -> None:
+        conn = t.conn  # taken first: the task clears t.conn when it ends
         if t.task is not None:
             t.task.cancel()
             with contextlib.suppress(BaseException):
                 await t.task
-        if t.conn is not None:
-            t.conn.close()
+        if conn is not None:
+            conn.close()
             with contextlib.suppress(Exception):
-                await t.conn.wait_closed()
-            t.conn = None
+                await conn.wait_closed()
+        t.conn = None
         t.set_state(TunnelState.CLOSED)
 
     # ---- one tunnel's life
