@@ -61,6 +61,7 @@ class Cluster:
     node: bool = True
     proc: subprocess.Popen[bytes] | None = None
     kubelet_port: int = field(default_factory=free_port)
+    proxy_healthz_port: int = field(default_factory=free_port)
     net_index: int = -1
 
     @property
@@ -91,7 +92,8 @@ class Cluster:
         if self.net_index < 0:
             self.net_index = claim_net_index()
         log = self.log_path.open("ab")
-        node_args = ["--kubelet-port", str(self.kubelet_port), "--pod-restart-backoff", "1"] if self.node else \
+        node_args = ["--kubelet-port", str(self.kubelet_port), "--pod-restart-backoff", "1",
+                     "--proxy-healthz-port", str(self.proxy_healthz_port)] if self.node else \
             ["--no-node"]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kplane.cli", "up", "--data-dir", str(self.data_dir),

@@ -41,6 +41,8 @@ def _node_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pod-network", choices=["auto", "host"], default="auto",
                    help="auto: each pod in its own network namespace when running as root; host: host network")
     p.add_argument("--kubelet-port", type=int, default=10250)
+    p.add_argument("--proxy-healthz-port", type=int, default=10256,
+                   help="kube-proxy /healthz and /livez, on 127.0.0.1 only")
     p.add_argument("--pod-restart-backoff", type=float, default=10.0,
                    help="first crash-loop back-off in seconds (doubles up to 300)")
 
@@ -128,7 +130,7 @@ def _up(args: argparse.Namespace, *, node: bool) -> Callable[[asyncio.Event], Aw
         if node:
             node_opts = {"name": args.node_name or default_node_name(), "node_ip": args.node_ip or default_ipv4(),
                          "kubelet_port": args.kubelet_port, "restart_backoff_s": args.pod_restart_backoff,
-                         "pod_network": args.pod_network}
+                         "pod_network": args.pod_network, "proxy_healthz_port": args.proxy_healthz_port}
         await run_forever(cfg, stop, node=node_opts)
         return 0
 
@@ -144,7 +146,8 @@ def _agent(args: argparse.Namespace) -> Callable[[asyncio.Event], Awaitable[int]
         cfg = NodeConfig(server=args.server, data_dir=(args.data_dir / "node" / name).resolve(), name=name,
                          token=args.token, ca_hash=args.ca_hash, node_ip=args.node_ip or default_ipv4(),
                          kubelet_port=args.kubelet_port, restart_backoff_s=args.pod_restart_backoff,
-                         discovery_timeout_s=args.discovery_timeout, pod_network=args.pod_network)
+                         discovery_timeout_s=args.discovery_timeout, pod_network=args.pod_network,
+                         proxy_healthz_port=args.proxy_healthz_port)
         agent = NodeAgent(cfg)
         await agent.start()
         print(f"kplane: node {name} joined {args.server}", flush=True)

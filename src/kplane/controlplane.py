@@ -260,7 +260,8 @@ async def join_local_node(cfg: Config, node: dict[str, Any], stop: asyncio.Event
                                  ca_hash=ca_hash, node_ip=node.get("node_ip", "127.0.0.1"),
                                  kubelet_port=int(node.get("kubelet_port", 10250)),
                                  restart_backoff_s=float(node.get("restart_backoff_s", 10.0)),
-                                 pod_network=str(node.get("pod_network", "auto"))))
+                                 pod_network=str(node.get("pod_network", "auto")),
+                                 proxy_healthz_port=int(node.get("proxy_healthz_port", 10256))))
     await agent.start()
     print(f"kplane: node {name}: registered with a certificate from TLS bootstrap", flush=True)
     await agent.ready.wait()

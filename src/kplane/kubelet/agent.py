@@ -51,6 +51,7 @@ class NodeConfig:
     restart_backoff_s: float = 10.0
     discovery_timeout_s: float = 300.0
     pod_network: str = "auto"  # auto: a network namespace per pod when root; host: the host's network
+    proxy_healthz_port: int = 10256  # kube-proxy health, on 127.0.0.1 only
 
     @property
     def pki_dir(self) -> Path:
@@ -68,6 +69,7 @@ class NodeAgent:
         self.net: Any = None  # PodNetwork
         self.node_uid = ""
         self.server: Any = None  # KubeletServer, started once the serving certificate is issued
+        self.kube_proxy: Any = None  # Proxier, when this node programs Service VIPs (root and nft/iptables)
 
     # --- credentials --------------------------------------------------------------------------------------
 
@@ -134,6 +136,9 @@ class NodeAgent:
 
         self.net = PodNetwork(self.cfg, lambda: self.client)
         await self.net.start()
+        from kplane.proxy.proxier import start_for_agent
+
+        self.kube_proxy = await start_for_agent(self)  # before pods: their env names the kubernetes VIP
         self.pods = PodManager(self)
         await self.pods.start()
         self.tasks = [
@@ -150,6 +155,8 @@ class NodeAgent:
         for t in self.tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        if self.kube_proxy is not None:
+            await self.kube_proxy.stop()  # its Service VIPs go with it
         if self.server is not None:
             await self.server.stop()
         if self.pods is not None:

@@ -1,0 +1,183 @@
+"""The kube-proxy inside the node agent of a real ``kplane up``: a Service with an explicit ClusterIP and a
+hand-made EndpointSlice pointing at servers this test runs on the host; the VIP is reached from the host."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from ipaddress import IPv4Network
+from typing import Any
+
+import pytest
+from cryptography import x509
+
+from kplane import pki
+from kplane.proxy.model import table_name
+from tests.cluster import Cluster
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the in-agent kube-proxy needs root"),
+    pytest.mark.skipif(shutil.which("nft") is None, reason="needs nft (nftables)"),
+]
+
+
+def serve(name: str) -> tuple[ThreadingHTTPServer, int]:
+    class H(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = f"{name}\n".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    srv = ThreadingHTTPServer(("0.0.0.0", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, srv.server_address[1]
+
+
+@pytest.fixture
+def servers() -> Iterator[dict[str, int]]:
+    started = [serve("one"), serve("two")]
+    yield {"one": started[0][1], "two": started[1][1]}
+    for srv, _ in started:
+        srv.shutdown()
+        srv.server_close()
+
+
+def get(ip: str, port: int) -> str:
+    with socket.create_connection((ip, port), timeout=5) as s:
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    return data.split(b"\r\n\r\n", 1)[1].decode().strip()
+
+
+def eventually(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def answers(ip: str, port: int, name: str) -> bool:
+    try:
+        return get(ip, port) == name
+    except OSError:
+        return False
+
+
+def refused(ip: str, port: int) -> bool:
+    try:
+        socket.create_connection((ip, port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def node_facts(cluster: Cluster) -> tuple[str, str, str]:
+    node = json.loads(cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"][0]
+    ip = next(a["address"] for a in node["status"]["addresses"] if a["type"] == "InternalIP")
+    ca = x509.load_pem_x509_certificate((cluster.pki / "ca.crt").read_bytes())
+    return node["metadata"]["name"], ip, table_name(node["metadata"]["name"], pki.ca_cert_hash(ca))
+
+
+def nft_table(table: str) -> str:
+    p = subprocess.run(["nft", "list", "table", "ip", table], capture_output=True, text=True, timeout=30)
+    return p.stdout if p.returncode == 0 else ""
+
+
+def create_service(cluster: Cluster, ns: str, name: str) -> str:
+    """A selector-less Service with an explicit ClusterIP from the cluster's service CIDR (retrying on the rare
+    address somebody else holds)."""
+    net = IPv4Network(cluster.service_cidr)
+    for _ in range(20):
+        vip = str(net[random.randrange(16, net.num_addresses - 16)])
+        svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
+               "spec": {"clusterIP": vip, "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}}
+        p = cluster.kubectl("create", "-f", "-", input=json.dumps(svc), check=False)
+        if p.returncode == 0:
+            return vip
+        assert "already allocated" in p.stderr or "provided IP is already" in p.stderr, p.stderr
+    raise AssertionError("no free ClusterIP")
+
+
+def put_slice(cluster: Cluster, ns: str, service: str, ip: str, port: int, *, ready: bool = True) -> None:
+    sl = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+          "metadata": {"name": f"{service}-manual", "namespace": ns,
+                       "labels": {"kubernetes.io/service-name": service}},
+          "addressType": "IPv4", "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+          "endpoints": [{"addresses": [ip], "conditions": {"ready": ready}}]}
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(sl))
+
+
+def test_in_agent_proxier_programs_service_vips(cluster: Cluster, ns: str, servers: dict[str, int]) -> None:
+    _, node_ip, table = node_facts(cluster)
+    vip = create_service(cluster, ns, "web")
+    eventually(lambda: refused(vip, 80), "the VIP without endpoints to be refused")
+    assert vip in nft_table(table)
+
+    put_slice(cluster, ns, "web", node_ip, servers["one"])
+    eventually(lambda: answers(vip, 80, "one"), "the VIP to reach server one")
+
+    put_slice(cluster, ns, "web", node_ip, servers["two"])
+    eventually(lambda: answers(vip, 80, "two"), "the VIP to follow the endpoint change")
+    assert {get(vip, 80) for _ in range(5)} == {"two"}
+
+    put_slice(cluster, ns, "web", node_ip, servers["one"], ready=False)
+    eventually(lambda: refused(vip, 80), "a not-ready endpoint to leave the VIP")
+
+    put_slice(cluster, ns, "web", node_ip, servers["one"])
+    eventually(lambda: answers(vip, 80, "one"), "the endpoint to come back")
+
+    cluster.kubectl("delete", "service", "-n", ns, "web", "--wait=true")
+    eventually(lambda: vip not in nft_table(table), "the deleted Service to leave the node's table")
+    assert nft_table(table), "the table itself stays while the agent runs"
+
+
+def test_proxier_health_on_localhost_only(cluster: Cluster) -> None:
+    _, node_ip, _ = node_facts(cluster)
+    port = cluster.proxy_healthz_port
+    for path in ("/healthz", "/livez"):
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+                    doc = json.loads(r.read())
+                    assert r.status == 200 and doc["healthy"] is True and doc["lastUpdated"]
+                    break
+            except urllib.error.HTTPError as err:  # 503 until the first sync
+                assert err.code == 503 and time.monotonic() < deadline
+                time.sleep(0.2)
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+    assert e.value.code == 404
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/healthz", data=b"x" * 10, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=5)
+    assert e.value.code == 405
+    for junk in (b"\x00\x01garbage\r\n\r\n", b"GET /healthz HTTP/1.1\r\nX: " + b"a" * 100_000 + b"\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:  # a 400, not a crash or a hang
+            s.sendall(junk)
+            assert s.recv(100).split(b" ")[1] == b"400"
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+        assert r.status == 200
+    if node_ip != "127.0.0.1":
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((node_ip, port), timeout=5)
