@@ -442,6 +442,12 @@ class ConnectProxy:
                 await self.stopping.wait()
             elif self.mode == "close":
                 pass
+            elif self.mode == "trickle":  # the head one byte at a time, then the target's first bytes
+                for b in b"HTTP/1.1 200 OK\r\nX-A: b\r\n\r\nEARLY":
+                    writer.write(bytes([b]))
+                    await writer.drain()
+                    await asyncio.sleep(0.002)
+                await self.stopping.wait()
             elif self.mode in ("ok", "early"):
                 host, port = target.rsplit(":", 1)
                 up_r, up_w = await asyncio.open_connection(host.strip("[]"), int(port))
@@ -525,6 +531,15 @@ async def test_http_connect_keeps_bytes_after_the_head(sockdir: Path, echo_serve
         assert await asyncio.wait_for(reader.readexactly(11), 5) == b"EARLY-BYTES"
         writer.write(b"ping")
         assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+        writer.close()
+
+
+async def test_http_connect_head_byte_by_byte(sockdir: Path) -> None:
+    path = sockdir / "k.sock"
+    async with uds_proxy(path, "trickle"):
+        s = await HTTPConnectDialer(path).dial("10.1.2.3", 10250)
+        reader, writer = await asyncio.open_connection(sock=s)
+        assert await asyncio.wait_for(reader.readexactly(5), 5) == b"EARLY"
         writer.close()
 
 

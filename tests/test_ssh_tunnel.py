@@ -16,16 +16,18 @@ import pwd
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import asyncssh
 import pytest
 
+from kplane import pki
 from kplane.apiserver.egress import SSHDialer
 from kplane.errors import StatusError
 from kplane.tunnel.ssh import (
@@ -40,12 +42,17 @@ from kplane.tunnel.ssh import (
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 IS_ROOT = os.geteuid() == 0
 USER = pwd.getpwuid(os.geteuid()).pw_name
+F = TypeVar("F")
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(not IS_ROOT, reason="the test sshd runs as root (privilege separation, logins as root)"),
-    pytest.mark.skipif(not os.access(SSHD, os.X_OK), reason=f"OpenSSH server not installed ({SSHD})"),
-]
+
+
+def needs_sshd(fn: F) -> F:
+    marked: Any = fn
+    for mark in (pytest.mark.root,
+                 pytest.mark.skipif(not IS_ROOT, reason="the test sshd runs as root (privilege separation)"),
+                 pytest.mark.skipif(not os.access(SSHD, os.X_OK), reason=f"OpenSSH server not installed ({SSHD})")):
+        marked = mark(marked)
+    return cast(F, marked)
 
 
 def _children(pid: int) -> list[int]:
@@ -226,7 +233,7 @@ def tunneler(sshd: Sshd, key: Path, **kw: object) -> SSHTunneler:
                                "port": sshd.port, "backoff_initial_s": 0.2, "backoff_max_s": 1.0,
                                "dial_timeout_s": 10.0, "connect_timeout_s": 10.0}
     opts.update(kw)
-    return SSHTunneler(**opts)  # type: ignore[arg-type]
+    return SSHTunneler(**opts)
 
 
 NODES = [SSHNode("node-a", "127.0.0.1", ("127.0.0.1", "node-a"), ("10.250.1.0/24",)),
@@ -255,7 +262,32 @@ async def dial_until_ok(d: SSHDialer, host: str, port: int, within_s: float = 30
             await asyncio.sleep(0.1)
 
 
-async def test_tunnels_many_connections_large_transfer(env: tuple[Sshd, Path],
+async def _tls_through(d: SSHDialer, tmp: Path) -> None:
+    ca = pki.new_ca("ssh-tunnel-test-ca")
+    pair = pki.issue(ca, common_name="node-b", server=True, ips=["127.0.0.2"])
+    pki.save_pair(pair, tmp / "node.crt", tmp / "node.key")
+    (tmp / "ca.crt").write_bytes(ca.cert_pem())
+    sctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    sctx.load_cert_chain(str(tmp / "node.crt"), str(tmp / "node.key"))
+    server = await asyncio.start_server(_echo, "127.0.0.2", 0, ssl=sctx)
+    port = server.sockets[0].getsockname()[1]
+    cctx = ssl.create_default_context(cafile=str(tmp / "ca.crt"))
+    try:
+        reader, writer = await asyncio.open_connection(sock=await d.dial("127.0.0.2", port), ssl=cctx,
+                                                       server_hostname="127.0.0.2")
+        writer.write(b"over tls over ssh")
+        assert await asyncio.wait_for(reader.readexactly(17), 10) == b"over tls over ssh"
+        writer.close()
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await asyncio.open_connection(sock=await d.dial("127.0.0.2", port), ssl=cctx,
+                                          server_hostname="127.0.0.9")
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@needs_sshd
+async def test_tunnels_many_connections_large_transfer(env: tuple[Sshd, Path], tmp_path: Path,
                                                         caplog: pytest.LogCaptureFixture) -> None:
     sshd, key = env
     caplog.set_level(logging.INFO, logger="kplane.tunnel.ssh")
@@ -276,6 +308,9 @@ async def test_tunnels_many_connections_large_transfer(env: tuple[Sshd, Path],
         assert await asyncio.gather(*(roundtrip(s, p) for s, p in zip(socks, payloads, strict=True))) == payloads
         channels = {st.node: st.channels for st in t.status()}
         assert channels == {"node-a": 21, "node-b": 20}
+
+        # TLS end to end through the tunnel, the far certificate verified (the kubelet case)
+        await _tls_through(d, tmp_path)
 
         # a large transfer both ways
         big = os.urandom(1 << 20) * 24
@@ -303,6 +338,7 @@ async def test_tunnels_many_connections_large_transfer(env: tuple[Sshd, Path],
     assert t.status() == []
 
 
+@needs_sshd
 async def test_flow_control_slow_reader(env: tuple[Sshd, Path]) -> None:
     """A node-side server sends as fast as it may while the apiserver side does not read: what it manages to hand
     over stays bounded (windows and socket buffers), then everything arrives once the reader reads."""
@@ -347,6 +383,7 @@ async def test_flow_control_slow_reader(env: tuple[Sshd, Path]) -> None:
         await server.wait_closed()
 
 
+@needs_sshd
 async def test_wrong_host_key_refused_then_added(env: tuple[Sshd, Path]) -> None:
     sshd, key = env
     known = sshd.root / "known_hosts"
@@ -369,6 +406,7 @@ async def test_wrong_host_key_refused_then_added(env: tuple[Sshd, Path]) -> None
         assert await roundtrip(s, b"trusted now") == b"trusted now"
 
 
+@needs_sshd
 async def test_wrong_user_key_refused(env: tuple[Sshd, Path]) -> None:
     sshd, _ = env
     stranger = sshd.root / "id_stranger"
@@ -384,6 +422,7 @@ async def test_wrong_user_key_refused(env: tuple[Sshd, Path]) -> None:
         tunneler(sshd, stranger, known_hosts=sshd.root / "no-known-hosts")
 
 
+@needs_sshd
 async def test_sshd_killed_and_restarted(env: tuple[Sshd, Path]) -> None:
     sshd, key = env
     async with echo_servers() as port, tunneler(sshd, key) as t:
@@ -409,6 +448,7 @@ async def test_sshd_killed_and_restarted(env: tuple[Sshd, Path]) -> None:
         assert t.status()[0].reconnects >= 1 and t.status()[0].state is TunnelState.READY
 
 
+@needs_sshd
 async def test_keepalive_replaces_a_frozen_tunnel(env: tuple[Sshd, Path]) -> None:
     sshd, key = env
     async with echo_servers() as port, tunneler(sshd, key, keepalive_interval_s=0.5, keepalive_count_max=2) as t:
@@ -451,3 +491,50 @@ def test_ensure_client_key(tmp_path: Path) -> None:
     pub.unlink()
     assert ensure_client_key(key) is False  # kept; the .pub is rewritten from it
     assert pub.read_text().split()[:2] == first.split()[:2]
+
+
+async def test_garbage_or_silent_ssh_port(tmp_path: Path) -> None:
+    """A node whose port 22 speaks something else, or nothing: the tunnel fails with a clear error, no hang."""
+    key = tmp_path / "id"
+    ensure_client_key(key)
+    (tmp_path / "known_hosts").write_text("")
+    stop = asyncio.Event()
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n" + b"\x00\xff" * 40000)
+        with contextlib.suppress(OSError):
+            await writer.drain()
+        await stop.wait()
+        writer.close()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await stop.wait()
+        writer.close()
+
+    servers = [await asyncio.start_server(garbage, "127.0.0.1", 0), await asyncio.start_server(silent, "127.0.0.1", 0)]
+    try:
+        for server, expect in zip(servers, (r"is down: node \"node-x\" .*: Banner line too long", r"is down: .*: timed out"), strict=True):
+            port = server.sockets[0].getsockname()[1]
+            t = SSHTunneler(user="kube", key_file=key, known_hosts=tmp_path / "known_hosts", port=port,
+                            connect_timeout_s=1.0, dial_timeout_s=10.0, backoff_initial_s=0.2)
+            async with t:
+                t.set_nodes([SSHNode("node-x", "127.0.0.1")])
+                with pytest.raises(StatusError, match=expect) as e:
+                    await asyncio.wait_for(SSHDialer(t).dial("127.0.0.1", 10250), 20)
+                assert e.value.code == 503 and "the tunnel to node" in e.value.message
+    finally:
+        stop.set()
+        for server in servers:
+            server.close()
+            await server.wait_closed()
+
+
+async def test_set_nodes_needs_start(tmp_path: Path) -> None:
+    key = tmp_path / "id"
+    ensure_client_key(key)
+    (tmp_path / "known_hosts").write_text("")
+    t = SSHTunneler(user="kube", key_file=key, known_hosts=tmp_path / "known_hosts")
+    with pytest.raises(RuntimeError, match="before start"):
+        t.set_nodes([SSHNode("n", "127.0.0.1")])
+    with pytest.raises(ValueError, match="need a user"):
+        SSHTunneler(user="", key_file=key, known_hosts=tmp_path / "known_hosts")
