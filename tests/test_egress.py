@@ -309,6 +309,10 @@ def test_prepare_ssh(tmp_path: Path) -> None:
     with pytest.raises(EgressConfigError, match="needs the SSH tunneler"):
         plan.dialer("cluster")
     assert isinstance(plan.dialer("etcd"), DirectDialer)
+    bad = tmp_path / "not-a-key"
+    bad.write_text("hello")
+    with pytest.raises(EgressConfigError, match=r"--ssh-keyfile .*not-a-key: "):
+        prepare_egress(EgressOptions(mode="ssh", ssh_user="kube", ssh_keyfile=bad), tmp_path)
     before = key.read_bytes()
     prepare_egress(EgressOptions(mode="ssh", ssh_user="kube", ssh_keyfile=key), tmp_path)
     assert key.read_bytes() == before  # an existing key is kept

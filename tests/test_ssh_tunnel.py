@@ -228,8 +228,8 @@ async def roundtrip(sock: socket.socket, payload: bytes) -> bytes:
     return data
 
 
-def tunneler(sshd: Sshd, key: Path, **kw: object) -> SSHTunneler:
-    opts: dict[str, object] = {"user": USER, "key_file": key, "known_hosts": sshd.root / "known_hosts",
+def tunneler(sshd: Sshd, key: Path, **kw: Any) -> SSHTunneler:
+    opts: dict[str, Any] = {"user": USER, "key_file": key, "known_hosts": sshd.root / "known_hosts",
                                "port": sshd.port, "backoff_initial_s": 0.2, "backoff_max_s": 1.0,
                                "dial_timeout_s": 10.0, "connect_timeout_s": 10.0}
     opts.update(kw)

@@ -611,6 +611,8 @@ def dialer_for(config: EgressSelectorConfiguration | None, selection: str = "clu
     if conn.proxy_protocol == "Direct":
         return DirectDialer(name=name, timeout_s=timeout_s)
     if conn.proxy_protocol == "GRPC":
+        # TODO: kplane.tunnel.client.dial_grpc (single-use /ProxyService/Proxy streams) now exists; a GRPCDialer
+        # over it would lift this refusal.
         raise EgressConfigError(
             f"egress {name!r}: proxyProtocol GRPC is not supported by kplane's apiserver side, use HTTPConnect "
             f"(the konnectivity server serves both on its uds socket)")
@@ -741,7 +743,11 @@ def _ssh_settings(opts: EgressOptions, data_dir: Path) -> SSHSettings:
             f"--egress ssh checks every node's host key and trusts none by itself: {known} does not exist. Put "
             f"the nodes' keys there in known_hosts format (check the fingerprints of `ssh-keyscan -p "
             f"{opts.ssh_port} NODE`), or one '@cert-authority * KEY' line for host keys signed by your SSH CA.")
-    if ensure_client_key(opts.ssh_keyfile):
+    try:
+        generated = ensure_client_key(opts.ssh_keyfile)
+    except (ValueError, OSError) as exc:  # unreadable, encrypted, not a key
+        raise EgressConfigError(f"--ssh-keyfile {opts.ssh_keyfile}: {exc}") from None
+    if generated:
         log.warning("generated the apiserver's SSH key %s; install %s.pub in %s's authorized_keys on every node",
                     opts.ssh_keyfile, opts.ssh_keyfile, opts.ssh_user)
     return SSHSettings(opts.ssh_user, Path(opts.ssh_keyfile), known, opts.ssh_port)
