@@ -154,6 +154,60 @@ def test_in_agent_proxier_programs_service_vips(cluster: Cluster, ns: str, serve
     assert nft_table(table), "the table itself stays while the agent runs"
 
 
+def udp_serve(name: str) -> tuple[socket.socket, int]:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", 0))
+
+    def loop() -> None:
+        while True:
+            try:
+                _, addr = s.recvfrom(2048)
+                s.sendto(name.encode(), addr)
+            except OSError:
+                return
+
+    threading.Thread(target=loop, daemon=True).start()
+    return s, s.getsockname()[1]
+
+
+def test_udp_service_flow_moves_with_its_endpoint(cluster: Cluster, ns: str) -> None:
+    _, node_ip, _ = node_facts(cluster)
+    (one, p1), (two, p2) = udp_serve("one"), udp_serve("two")
+    try:
+        net = IPv4Network(cluster.service_cidr)
+        vip = str(net[random.randrange(16, net.num_addresses - 16)])
+        body = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "dns", "namespace": ns},
+                "spec": {"clusterIP": vip, "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}]}}
+        cluster.kubectl("create", "-f", "-", input=json.dumps(body))
+
+        def slice_to(port: int) -> None:
+            sl = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                  "metadata": {"name": "dns-manual", "namespace": ns, "labels": {"kubernetes.io/service-name": "dns"}},
+                  "addressType": "IPv4", "ports": [{"name": "dns", "port": port, "protocol": "UDP"}],
+                  "endpoints": [{"addresses": [node_ip]}]}
+            cluster.kubectl("apply", "-f", "-", input=json.dumps(sl))
+
+        slice_to(p1)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:  # one socket, one conntrack entry
+            c.settimeout(1)
+            c.connect((vip, 53))
+
+            def ask() -> str:
+                try:
+                    c.send(b"?")
+                    return c.recv(100).decode()
+                except OSError:
+                    return ""
+
+            eventually(lambda: ask() == "one", "the UDP VIP to answer")
+            slice_to(p2)
+            # without the proxier deleting the entry, this socket would stay with "one"
+            eventually(lambda: ask() == "two", "the same UDP flow to follow the endpoint")
+    finally:
+        one.close()
+        two.close()
+
+
 def test_proxier_health_on_localhost_only(cluster: Cluster) -> None:
     _, node_ip, _ = node_facts(cluster)
     port = cluster.proxy_healthz_port

@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kplane.proxy import nftables
+from kplane.proxy import conntrack, nftables
 from kplane.proxy.model import Endpoint, ServicePort, table_name
 from tests.cluster import claim_net_index
 
@@ -263,6 +263,71 @@ def test_vip_answers_and_round_robin_reaches_both(topo: Topology) -> None:
 def test_udp_vip(topo: Topology) -> None:
     topo.apply([sp(topo, 10, 53, "a", proto="UDP", target=5353)])
     assert udp_ask(topo.vip(10), 53).split()[0] == "a"
+
+
+def test_udp_flow_follows_endpoint_change_once_conntrack_is_cleared(topo: Topology) -> None:
+    old = [sp(topo, 21, 53, "a", proto="UDP", target=5353)]
+    topo.apply(old)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # one socket: one conntrack entry
+        s.settimeout(5)
+        s.connect((topo.vip(21), 53))
+
+        def ask() -> str:
+            s.send(b"hi")
+            return s.recv(2048).decode().split()[0]
+
+        assert ask() == "a"
+        new = [sp(topo, 21, 53, "b", proto="UDP", target=5353)]
+        topo.apply(new)
+        assert ask() == "a"  # the entry still holds the old DNAT: why the proxier clears it
+        flows = conntrack.stale_udp_flows(old, new)
+        assert flows == [conntrack.StaleFlow(topo.vip(21), 53, Endpoint(topo.hosts["a"].ip, 5353))]
+        assert conntrack.clear(flows) == 1
+        assert ask() == "b"
+
+
+def test_udp_flow_made_before_endpoints_is_cleared(topo: Topology) -> None:
+    topo.apply([sp(topo, 22, 53, "a", proto="UDP", target=5353, name="other")])  # the VIP is ours, port 53 not
+    b = topo.hosts["b"]
+    # a client in b whose first datagram went to the VIP before the service had endpoints: never DNATed
+    script = (
+        "import socket, sys, time\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5); s.connect((sys.argv[1], 53))\n"
+        "sys.stdin.readline(); s.send(b'early')\n"
+        "sys.stdin.readline(); s.send(b'late'); print(s.recv(100).decode(), flush=True)\n"
+    )
+    topo.nft(nftables.render_delete(topo.table))  # no rules at all yet for this VIP
+    p = subprocess.Popen(["ip", "netns", "exec", b.netns, sys.executable, "-c", script, topo.vip(22)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdin is not None
+        p.stdin.write("\n")
+        p.stdin.flush()
+        deadline = time.monotonic() + 10  # until the early datagram has made its (never DNATed) entry
+        while not udp_entries_to(topo.vip(22), 53):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        new = [sp(topo, 22, 53, "a", proto="UDP", target=5353)]
+        topo.apply(new)
+        flows = conntrack.stale_udp_flows(None, new)
+        assert flows == [conntrack.StaleFlow(topo.vip(22), 53, None)]
+        assert conntrack.clear(flows) >= 1
+        p.stdin.write("\n")
+        p.stdin.flush()
+        out, _ = p.communicate(timeout=20)
+        assert out.split() == ["a", b.ip]
+    finally:
+        p.kill()
+        p.wait()
+
+
+def udp_entries_to(vip: str, port: int) -> list[object]:
+    from pyroute2 import Conntrack
+    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+    with Conntrack() as ct:
+        orig = NFCTAttrTuple(family=socket.AF_INET, daddr=vip, proto=socket.IPPROTO_UDP, dport=port)
+        return [e for e in ct.dump_entries(tuple_orig=orig) if e.tuple_orig.daddr == vip]
 
 
 def test_endpoint_change_takes_effect(topo: Topology) -> None:

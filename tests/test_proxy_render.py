@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kplane.proxy import iptables, nftables
+from kplane.proxy.conntrack import StaleFlow, stale_udp_flows
 from kplane.proxy.health import Health
 from kplane.proxy.model import (
     MAX_ENDPOINTS_PER_PORT,
@@ -466,3 +467,23 @@ def test_health_change_during_sync_stays_queued() -> None:
     h.queued(5.0)  # arrived while a sync that started at 4.0 was running
     h.synced(6.0, 0, queued_before=4.0)
     assert h.queued_at == 5.0
+
+
+# --- stale UDP conntrack entries ----------------------------------------------------------------------------
+
+
+def test_stale_udp_flows() -> None:
+    e1, e2, e3 = Endpoint("10.0.0.1", 53), Endpoint("10.0.0.2", 53), Endpoint("10.0.0.3", 53)
+
+    def dns(*eps: Endpoint, vip: str = "172.31.0.10", name: str = "dns") -> ServicePort:
+        return ServicePort("kube-system", name, "dns", "UDP", vip, 53, tuple(eps))
+
+    tcp = ServicePort("kube-system", "dns", "tcp", "TCP", "172.31.0.10", 53, (e1,))
+    # at start: any VIP port with endpoints may have entries made before the rules (never DNATed)
+    assert stale_udp_flows(None, [dns(e1), tcp, dns(vip="172.31.0.11", name="x")]) == [
+        StaleFlow("172.31.0.10", 53, None)]
+    assert stale_udp_flows([dns(e1, e2)], [dns(e1, e2)]) == []
+    assert stale_udp_flows([dns(e1, e2)], [dns(e2, e3)]) == [StaleFlow("172.31.0.10", 53, e1)]
+    assert stale_udp_flows([dns()], [dns(e3)]) == [StaleFlow("172.31.0.10", 53, None)]
+    assert stale_udp_flows([dns(e1, e2)], []) == [StaleFlow("172.31.0.10", 53, e1), StaleFlow("172.31.0.10", 53, e2)]
+    assert stale_udp_flows([dns(e1), tcp], [dns(e1)]) == []  # TCP entries are never touched

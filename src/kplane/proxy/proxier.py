@@ -10,6 +10,8 @@ The I/O shell around the pure parts: ``model.from_api`` (API objects to validate
 * Any change marks the rules dirty; the sync loop applies at most once per ``min_sync_interval`` (100 ms), and
   again every ``sync_period`` even without changes (so a flushed ruleset comes back). Nothing is applied before
   both lists have arrived. A sync whose result equals the rules in place (only between periodic syncs) is free.
+* After a sync, UDP conntrack entries that would keep datagrams on a removed endpoint, or un-DNATed to a VIP
+  that now has endpoints, are deleted (``conntrack.py``).
 * Health on ``127.0.0.1:<healthz_port>`` only (``/healthz``, ``/livez``): 200, or 503 with the reason.
 * ``stop()`` removes the node's table (or chains), so a stopped agent leaves no service VIPs behind.
 """
@@ -30,7 +32,7 @@ from aiohttp import web
 
 from kplane.client import APIClient
 from kplane.errors import StatusError
-from kplane.proxy import iptables, nftables
+from kplane.proxy import conntrack, iptables, nftables
 from kplane.proxy.health import Health
 from kplane.proxy.model import ServicePort, from_api, table_name
 
@@ -270,8 +272,16 @@ class Proxier:
             self.health.failed(str(exc))
             log.error("kube-proxy for node %s: sync failed: %s", self.node_name, exc)
             return False
-        self.applied = ports
+        before, self.applied = self.applied, ports
         self.syncs += 1
+        flows = conntrack.stale_udp_flows(before, ports)
+        if flows:
+            try:
+                n = await asyncio.to_thread(conntrack.clear, flows)
+                log.debug("kube-proxy for node %s: %d stale UDP conntrack entries deleted", self.node_name, n)
+            except Exception as exc:  # stale UDP flows are a nuisance, not a reason to fail the sync
+                log.warning("kube-proxy for node %s: could not clear stale UDP conntrack entries: %s",
+                            self.node_name, exc)
         self.health.synced(time.monotonic(), time.time(), queued_before=started)
         log.debug("kube-proxy for node %s: %d service ports programmed", self.node_name, len(ports))
         return True
