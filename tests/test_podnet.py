@@ -457,8 +457,11 @@ def test_nodes_on_two_hosts_route_to_each_others_podcidr(tmp_path: Path, other_h
         cidr_a, cidr_b = pod_cidr(server, "pn-a"), pod_cidr(server, "pn-b")
         assert cidr_a != cidr_b
         # each node routes the other's podCIDR via the other's InternalIP
-        assert state(a.data, "pn-a")["routes"] == {cidr_b: there}
-        assert state(b.data, "pn-b")["routes"] == {cidr_a: here}
+        def routes(agent: Agent) -> dict[str, str]:
+            path = podnet.state_path(agent.data / "node" / agent.name)
+            return json.loads(path.read_text())["routes"] if path.exists() else {}  # type: ignore[no-any-return]
+
+        wait(lambda: routes(a) == {cidr_b: there} and routes(b) == {cidr_a: here})
         out = subprocess.run(["ip", "route", "show", cidr_b], capture_output=True, text=True).stdout
         assert f"via {there}" in out
         server.kubectl("create", "namespace", "pn")
@@ -480,7 +483,7 @@ def test_nodes_on_two_hosts_route_to_each_others_podcidr(tmp_path: Path, other_h
         # a node that goes away takes its route with it
         b.cleanup()
         server.kubectl("delete", "node", "pn-b")
-        wait(lambda: state(a.data, "pn-a")["routes"] == {})
+        wait(lambda: routes(a) == {})
         assert f"via {there}" not in subprocess.run(["ip", "route", "show", cidr_b], capture_output=True,
                                                     text=True).stdout
     finally:
