@@ -202,8 +202,8 @@ def test_pod_ip_from_podcidr_reachable_from_host(up: Cluster) -> None:
     rec = state(up, node)["pods"][pod["metadata"]["uid"]]
     assert rec["ip"] == ip and (podnet.NETNS_DIR / rec["netns"]).exists()
     br = state(up, node)["bridge"]
-    assert f"master {br}" in subprocess.run(["ip", "-o", "link", "show", rec["veth"]], capture_output=True,
-                                            text=True).stdout
+    link = subprocess.run(["ip", "-d", "link", "show", rec["veth"]], capture_output=True, text=True).stdout
+    assert f"master {br}" in link and "hairpin on" in link
     # the downward API sees the same IP
     up.kubectl("apply", "-n", "pn", "-f", "-", input=json.dumps({
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "env"},

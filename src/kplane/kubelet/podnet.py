@@ -12,8 +12,8 @@ to give its Node a ``spec.podCIDR``, then builds, in the host's network namespac
   sharing one host's network namespace reach each other's bridges directly).
 
 Each pod (except ``hostNetwork`` pods) gets a named namespace ``/run/netns/kp-<key>-<pod uid>`` with ``lo`` up, a
-veth pair whose host end ``kv<hash>`` is on the bridge and whose pod end is ``eth0`` with the pod's IP and a
-default route via the gateway. Pod IPs come from the podCIDR through a small IPAM persisted, with everything
+veth pair whose host end ``kv<hash>`` is on the bridge (hairpin mode on) and whose pod end is ``eth0`` with the
+pod's IP and a default route via the gateway. Pod IPs come from the podCIDR through a small IPAM persisted, with everything
 else created here, in ``<node data dir>/network/state.json``: a restarted agent adopts running pods with their
 IPs, and :func:`cleanup_node` can remove every trace of a node. Stopping the agent leaves all of it in place
 (containers outlive the agent); deleting a pod removes its namespace, veth and IP.
@@ -402,6 +402,9 @@ def ensure_pod(netns_name: str, veth: str, bridge: str, ip: str, prefixlen: int,
         idx = _link(ipr, veth)
         assert idx is not None
         ipr.link("set", index=idx, master=br, state="up")
+        # hairpin: a pod's packet may leave through the port it came in on (a pod reaching itself through a
+        # Service VIP, DNATed on the bridge when bridge-nf-call-iptables is on)
+        ipr.brport("set", index=idx, mode=1)
     run_in_netns(path, lambda: _configure_pod_side(ip, prefixlen, gateway))
 
 
