@@ -531,25 +531,77 @@ def test_core_dial_timeout_tells_both_sides() -> None:
     assert flink.take()[0].dialResponse.error == ERR_DIAL_TIMEOUT
     assert alink.take() == [P.close_dial(req.dialRequest.random)]
     # a late answer is cleaned up
-    core.from_agent(core.agents["n1"], P.dial_response(req.dialRequest.random, connect_id=9))
+    core.from_agent(core.agents["n1"][0], P.dial_response(req.dialRequest.random, connect_id=9))
     assert alink.take() == [P.close_request(9)]
     assert not flink.sent
 
 
-def test_core_agent_replacement_closes_the_old_stream() -> None:
+def _established(core: ProxyCore, f: Any, flink: FakeLink, agent: Any, alink: FakeLink, frandom: int,
+                 agent_cid: int) -> int:
+    core.dial(f, frandom, "tcp", "10.0.0.1:1")
+    (req,) = alink.take()
+    core.from_agent(agent, P.dial_response(req.dialRequest.random, connect_id=agent_cid))
+    (rsp,) = flink.take()
+    return int(rsp.dialResponse.connectID)
+
+
+def test_core_upstream_agent_reconnect_takes_over_after_the_grace_period() -> None:
+    core, timers = _core()
+    old, old_link = _agent(core, "n1", "ipv4=10.0.0.1")
+    flink = FakeLink()
+    f = core.add_frontend(flink, "grpc")
+    cid = _established(core, f, flink, old, old_link, 1, 3)
+    new, new_link = _agent(core, "n1", "ipv4=10.0.0.1")  # no kplane metadata: could be a duplicate probe
+    core.dial(f, 2, "tcp", "10.0.0.1:1")
+    assert len(old_link.take()) == 1 and not new_link.sent  # the established stream keeps the dials for now
+    core.from_agent(old, P.data(3, b"still here"))
+    assert flink.take() == [P.data(cid, b"still here")]
+    timers.pending = [t for t in timers.pending if t[0] == core.replace_grace]
+    timers.fire_all()  # the new stream outlived the grace period: it is the agent's stream now
+    assert old_link.closed and "replaced" in old_link.closed
+    assert core.agents["n1"] == [new]
+    assert P.close_response(cid, ERR_AGENT_GONE) in flink.take()
+    core.from_agent(old, P.data(3, b"late"))  # the old stream is dead to the relay
+    assert not flink.sent
+    core.dial(f, 3, "tcp", "10.0.0.1:1")
+    assert len(new_link.take()) == 1
+
+
+def test_core_short_lived_duplicate_stream_leaves_the_established_one_alone() -> None:
+    # an agent probing a load balancer connects again, sees a serverid it holds, and closes the duplicate
+    core, timers = _core()
+    first, first_link = _agent(core, "n1", "ipv4=10.0.0.1")
+    dup, dup_link = _agent(core, "n1", "ipv4=10.0.0.1")
+    core.dial(core.add_frontend(FakeLink(), "grpc"), 1, "tcp", "10.0.0.1:1")
+    assert len(first_link.take()) == 1 and not dup_link.sent
+    core.remove_agent(dup)
+    timers.pending = [t for t in timers.pending if t[0] == core.replace_grace]
+    timers.fire_all()
+    assert first_link.closed is None and core.agents["n1"] == [first]
+
+
+def test_core_kplane_agent_reconnect_takes_over_at_once_without_killing_anything() -> None:
     core, _ = _core()
     old, old_link = _agent(core, "n1", "ipv4=10.0.0.1")
     flink = FakeLink()
     f = core.add_frontend(flink, "grpc")
-    core.dial(f, 1, "tcp", "10.0.0.1:1")
-    req = old_link.take()[0]
-    core.from_agent(old, P.dial_response(req.dialRequest.random, connect_id=3))
-    flink.take()
-    new, new_link = _agent(core, "n1", "ipv4=10.0.0.1")
-    assert old_link.closed and core.agents["n1"] is new
-    assert flink.take() == [P.close_response(1, ERR_AGENT_GONE)]
-    core.from_agent(old, P.data(3, b"late"))  # the old stream is dead to the relay
-    assert not flink.sent and not new_link.sent
+    _established(core, f, flink, old, old_link, 1, 3)
+    new_link = FakeLink()
+    new = core.add_agent("n1", AgentIdentifiers.parse("ipv4=10.0.0.1"), "system:node:n1", new_link, None,
+                         replaces=True)
+    core.dial(f, 2, "tcp", "10.0.0.1:1")
+    assert len(new_link.take()) == 1 and not old_link.sent and old_link.closed is None
+    # two attempts raced and the agent kept the older one: dials fall back to it
+    core.remove_agent(new)
+    core.dial(f, 3, "tcp", "10.0.0.1:1")
+    assert len(old_link.take()) == 1
+
+
+def test_core_bounds_streams_per_agent() -> None:
+    core, _ = _core()
+    links = [_agent(core, "n1", "ipv4=10.0.0.1")[1] for _ in range(6)]
+    assert len(core.agents["n1"]) == 4
+    assert [bool(link.closed) for link in links] == [True, True, False, False, False, False]
 
 
 def test_core_answers_agent_packets_for_unknown_connections() -> None:

@@ -490,6 +490,7 @@ class KonnectivityAgent:
             md.append((P.MD_AGENT_IDENTIFIERS, ids))
         if self.window is not None:
             md.append((P.MD_WINDOW, str(self.window)))
+        md.append((P.MD_HELD_SERVERS, ",".join(sorted(self.sessions))))
         if self.cert_file is not None and self.key_file is not None:
             creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=Path(self.key_file).read_bytes(),
                                                  certificate_chain=Path(self.cert_file).read_bytes())

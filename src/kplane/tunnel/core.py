@@ -2,8 +2,21 @@
 
 State (all of it lives here; the asyncio server only moves packets in and out):
 
-- **agents**: one entry per connected agent stream, keyed by ``agentid`` (a reconnecting agent replaces its old
-  stream), with the identifiers it declared, whether it is draining, its pending dials and its connections.
+- **agents**: the connected agent streams, grouped by ``agentid``, newest first, each with the identifiers it
+  declared, whether it is draining, its pending dials and its connections. Dials go to one stream per agent, the
+  newest *confirmed* one. An agent reconnects because it believes its old stream dead (a NAT may have dropped it
+  without a reset), so the new stream must take over. But an agent discovering servers behind a load balancer
+  also opens short-lived duplicate streams (closed as soon as it sees a ``serverid`` it already holds), and those
+  must not steal dials or kill the established stream. So:
+
+  - a stream that declares it ``replaces`` the agent's others (kplane's agent says so when it holds no stream to
+    this server) is confirmed and takes the agent's dials at once. The older streams stop getting dials but are
+    not killed: if they are dead, keepalives end them; if two attempts raced, the agent closes the one it does
+    not keep and dials fall back to the other. Nothing churns.
+  - otherwise (upstream's agent cannot tell us) the new stream is confirmed, and the older ones closed, only if it
+    is still there after ``replace_grace`` seconds; until then dials keep going to the established stream.
+
+  At most ``MAX_STREAMS_PER_AGENT`` streams per agent are kept; beyond that the oldest are closed.
 - **frontends**: one entry per apiserver-side stream (a gRPC ``Proxy`` stream or one HTTP-CONNECT socket), with
   its own pending dials and connections.
 - a **pending dial** links ``(frontend, the frontend's random)`` to ``(agent, a random we chose)``; a
@@ -47,6 +60,7 @@ ERR_DUPLICATE = "duplicate dial id"
 ERR_DIAL_CLOSED = "dial closed by the agent"
 
 MAX_PENDING_PER_FRONTEND = 256
+MAX_STREAMS_PER_AGENT = 4
 MAX_CONNS_PER_FRONTEND = 4096
 LOCAL_CREDIT = 1 << 20  # in-flight bytes per connection toward an agent that does not do windows
 
@@ -86,6 +100,7 @@ class Agent:
     conns: dict[int, Conn] = field(default_factory=dict)  # agent's connectID -> connection
     randoms: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     gone: bool = False
+    confirmed: bool = False
 
 
 @dataclass(eq=False)
@@ -139,6 +154,7 @@ class ProxyCore:
         buffer_limit: int = DEFAULT_BUFFER_LIMIT,
         dial_timeout: float = 10.0,
         close_timeout: float = 10.0,
+        replace_grace: float = 5.0,
         schedule: Scheduler = _no_schedule,
         rng: random.Random | None = None,
     ) -> None:
@@ -153,35 +169,60 @@ class ProxyCore:
         self.buffer_limit = buffer_limit
         self.dial_timeout = dial_timeout
         self.close_timeout = close_timeout
+        self.replace_grace = replace_grace
         self.schedule = schedule
         self.rng = rng or random.Random()
-        self.agents: dict[str, Agent] = {}
+        self.agents: dict[str, list[Agent]] = {}  # agentid -> its streams, newest first
         self.frontends: set[Frontend] = set()
         self.stats: Counter[str] = Counter()
 
     # ---------------------------------------------------------------------------------------- agents
 
     def add_agent(self, agent_id: str, identifiers: AgentIdentifiers, user: str, link: AgentLink,
-                  window: int | None) -> Agent:
-        """Register an authenticated agent stream. An older stream of the same agent is closed and its
-        connections and dials fail (the agent reconnected: they were carried by a stream that is dead)."""
-        old = self.agents.get(agent_id)
-        if old is not None:
-            self.remove_agent(old, reason="replaced by a new connection from the same agent")
-            old.link.close("replaced by a new connection from the same agent")
-            self.stats["agent_replaced"] += 1
+                  window: int | None, *, replaces: bool = False) -> Agent:
+        """Register an authenticated agent stream (see the module docstring for ``replaces``)."""
         a = Agent(agent_id=agent_id, identifiers=identifiers, user=user, link=link,
                   window=window if self.window is not None else None)
-        self.agents[agent_id] = a
+        streams = self.agents.setdefault(agent_id, [])
+        streams.insert(0, a)
+        for extra in streams[MAX_STREAMS_PER_AGENT:]:
+            self._retire(extra)
+        if replaces or len(streams) == 1:
+            a.confirmed = True
+        else:
+            self.schedule(self.replace_grace, lambda: self._confirm(a))
         return a
+
+    def _confirm(self, a: Agent) -> None:
+        """``a`` outlived the grace period: it is the agent's stream now, the older ones go."""
+        streams = self.agents.get(a.agent_id)
+        if a.gone or not streams or a not in streams:
+            return
+        a.confirmed = True
+        for old in streams[streams.index(a) + 1 :]:
+            self._retire(old)
+
+    def _target(self, streams: list[Agent]) -> Agent:
+        return next((a for a in streams if a.confirmed), streams[0])
+
+    def _retire(self, old: Agent) -> None:
+        reason = "replaced by a newer connection from the same agent"
+        self.stats["agent_replaced"] += 1
+        self.remove_agent(old, reason=reason)
+        old.link.close(reason)
 
     def remove_agent(self, agent: Agent, *, reason: str = ERR_AGENT_GONE) -> None:
         """The agent's stream ended: fail its pending dials now and close its connections."""
         if agent.gone:
             return
         agent.gone = True
-        if self.agents.get(agent.agent_id) is agent:
-            del self.agents[agent.agent_id]
+        streams = self.agents.get(agent.agent_id)
+        if streams is not None and agent in streams:
+            streams.remove(agent)
+            if not streams:
+                del self.agents[agent.agent_id]
+            elif not any(a.confirmed for a in streams):
+                streams[0].confirmed = True
         for p in list(agent.pending.values()):
             self._drop_pending(p)
             self._dial_failed(p, f"{ERR_AGENT_GONE}: {reason}" if reason != ERR_AGENT_GONE else reason)
@@ -398,7 +439,8 @@ class ProxyCore:
 
     def route(self, host: str) -> Agent | None:
         for strategy in self.strategies:
-            cands = [a for a in self.agents.values() if self._candidate(strategy, a, host)]
+            targets = [self._target(s) for s in self.agents.values()]
+            cands = [a for a in targets if self._candidate(strategy, a, host)]
             if cands:
                 fresh = [a for a in cands if not a.draining]
                 return self.rng.choice(fresh or cands)
@@ -473,10 +515,12 @@ class ProxyCore:
         return bool(self.agents)
 
     def gauges(self) -> dict[str, int]:
+        streams = [a for s in self.agents.values() for a in s]
         return {
             "ready_backends": len(self.agents),
-            "draining_backends": sum(1 for a in self.agents.values() if a.draining),
-            "pending_backend_dials": sum(len(a.pending) for a in self.agents.values()),
-            "established_connections": sum(len(a.conns) for a in self.agents.values()),
+            "ready_backend_connections": len(streams),
+            "draining_backends": sum(1 for s in self.agents.values() if self._target(s).draining),
+            "pending_backend_dials": sum(len(a.pending) for a in streams),
+            "established_connections": sum(len(a.conns) for a in streams),
             "frontends": len(self.frontends),
         }

@@ -44,6 +44,10 @@ MD_SERVER_COUNT = "servercount"
 # kplane extension: "I understand KPLANE_WINDOW_UPDATE; you may send me this many bytes per connection before
 # waiting for a window update". Both ends must send it for the extension to be used.
 MD_WINDOW = "kplane-window-v1"
+# kplane extension: the serverids the agent holds live streams to (comma-separated, possibly empty). Its presence
+# says "this is kplane's agent": a server it lists answers with its headers and ends the stream (a duplicate from
+# load-balancer discovery); a server it does not list knows the agent's older streams to it are dead.
+MD_HELD_SERVERS = "kplane-held-servers"
 
 BEARER_PREFIX = "Bearer "
 TOKEN_AUDIENCE = "system:konnectivity-server"

@@ -126,7 +126,7 @@ class _AgentService(pb_grpc.AgentServiceServicer):
         s = self.server
         peer = context.peer()
         try:
-            agent_id, identifiers, identity_user, window = await s._admit(context)
+            agent_id, identifiers, identity_user, window, held = await s._admit(context)
         except AgentRejected as e:
             s.core.stats["agent_rejected"] += 1
             log.warning("konnectivity: refused agent from %s: %s", peer, e)
@@ -137,19 +137,26 @@ class _AgentService(pb_grpc.AgentServiceServicer):
         if window is not None and s.window is not None:
             headers.append((P.MD_WINDOW, str(s.window)))
         await context.send_initial_metadata(headers)
+        if held is not None and s.server_id in held:
+            # kplane's agent already holds a stream to us: this one only told it our serverid and servercount
+            s.core.stats["agent_duplicate"] += 1
+            return
         link = _AgentStream()
-        agent = s.core.add_agent(agent_id, identifiers, identity_user, link, window)
+        agent = s.core.add_agent(agent_id, identifiers, identity_user, link, window, replaces=held is not None)
         log.info("konnectivity: agent %s (%s) connected from %s, identifiers %r", agent_id, identity_user, peer,
                  identifiers.format())
         reader = asyncio.create_task(self._read(context, agent))
         writer = asyncio.create_task(self._write(context, agent, link))
         closed = asyncio.create_task(link.closed.wait())
+        stopping = asyncio.create_task(s._stopping.wait())
         try:
-            await asyncio.wait({reader, writer, closed}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({reader, writer, closed, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if stopping.done():
+                link.reason = "server shutting down"
         finally:
-            for t in (reader, writer, closed):
+            for t in (reader, writer, closed, stopping):
                 t.cancel()
-            await asyncio.gather(reader, writer, closed, return_exceptions=True)
+            await asyncio.gather(reader, writer, closed, stopping, return_exceptions=True)
             s.core.remove_agent(agent)
             log.info("konnectivity: agent %s disconnected%s", agent_id, f" ({link.reason})" if link.reason else "")
         if link.reason:
@@ -225,8 +232,9 @@ class _ProxyService(pb_grpc.ProxyServiceServicer):
         f = core.add_frontend(link, "grpc")
         writer = asyncio.create_task(self._write(context, f, link))
         reader = asyncio.create_task(self._read(context, f, link))
+        stopping = asyncio.create_task(self.server._stopping.wait())
         try:
-            done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({reader, writer, stopping}, return_when=asyncio.FIRST_COMPLETED)
             if reader in done and not reader.cancelled() and reader.exception() is None:
                 # the frontend half-closed: let its open dials and connections finish (bounded)
                 with contextlib.suppress(TimeoutError):
@@ -236,9 +244,9 @@ class _ProxyService(pb_grpc.ProxyServiceServicer):
                             await link.changed.wait()
                         await link.queue.join()
         finally:
-            for t in (reader, writer):
+            for t in (reader, writer, stopping):
                 t.cancel()
-            await asyncio.gather(reader, writer, return_exceptions=True)
+            await asyncio.gather(reader, writer, stopping, return_exceptions=True)
             core.remove_frontend(f)
 
     async def _read(self, context: Any, f: Frontend, link: _FrontendQueue) -> None:
@@ -409,6 +417,7 @@ class KonnectivityServer:
         only_declared: bool = True,
         health_port: int | None = 8134,
         dial_timeout: float = 10.0,
+        replace_grace: float = 5.0,
         window: int | None = DEFAULT_WINDOW,
         keepalive: float = 30.0,
     ) -> None:
@@ -434,7 +443,7 @@ class KonnectivityServer:
         self.keepalive = keepalive
         self.requested_health_port = health_port
         self.core = ProxyCore(strategies=strategies, only_declared=only_declared, window=window,
-                              dial_timeout=dial_timeout, schedule=self._schedule)
+                              dial_timeout=dial_timeout, replace_grace=replace_grace, schedule=self._schedule)
         self.agent_port = 0
         self.health_port: int | None = None
         self._agent_server: grpc.aio.Server | None = None
@@ -442,11 +451,13 @@ class KonnectivityServer:
         self._frontend_http: asyncio.Server | None = None
         self._http_tasks: set[asyncio.Task[None]] = set()
         self._health: web.AppRunner | None = None
+        self._stopping = asyncio.Event()
 
     def _schedule(self, delay: float, fn: Any) -> asyncio.TimerHandle:
         return asyncio.get_running_loop().call_later(delay, fn)
 
     async def start(self) -> None:
+        self._stopping = asyncio.Event()
         try:
             await self._start()
         except BaseException:
@@ -508,6 +519,7 @@ class KonnectivityServer:
                  self.host, self.agent_port, "token" if self.token_reviewer else "mTLS", self.uds_path, self.mode)
 
     async def stop(self, grace: float = 0.5) -> None:
+        self._stopping.set()  # stream handlers return on their own (no cancellation inside gRPC)
         if self._frontend_http is not None:
             self._frontend_http.close()
             for t in list(self._http_tasks):
@@ -535,7 +547,7 @@ class KonnectivityServer:
 
     # -------------------------------------------------------------------------------- agent admission
 
-    async def _admit(self, context: Any) -> tuple[str, AgentIdentifiers, str, int | None]:
+    async def _admit(self, context: Any) -> tuple[str, AgentIdentifiers, str, int | None, set[str] | None]:
         md = _md(context)
         if self.token_reviewer is not None:
             auth = md.get(P.MD_AUTHORIZATION, [])
@@ -566,7 +578,9 @@ class KonnectivityServer:
         await self.authorizer(AgentClaim(identity=identity, agent_id=ids[0], identifiers=identifiers))
         announced = md.get(P.MD_WINDOW)
         window = parse_window(announced[0]) if announced else None
-        return ids[0], identifiers, identity.user, window
+        held_md = md.get(P.MD_HELD_SERVERS)
+        held = {x for x in held_md[0].split(",") if x} if held_md and len(held_md[0]) <= 4096 else None
+        return ids[0], identifiers, identity.user, window, held
 
     # -------------------------------------------------------------------------------- apiserver side
 
