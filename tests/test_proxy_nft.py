@@ -190,14 +190,18 @@ class Topology:
                 assert time.monotonic() < deadline, p.stderr
                 time.sleep(0.1)
 
+    def remove_rules(self) -> None:
+        subprocess.run(self.on_node(NFT or "nft", "-f", "-"), input=nftables.render_delete(self.table),
+                       capture_output=True, text=True, timeout=30)
+
     def teardown(self) -> None:
         for h in self.hosts.values():
             if h.proc is not None:
                 h.proc.kill()
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     h.proc.wait(timeout=10)
-        subprocess.run(self.on_node(NFT or "nft", "-f", "-"), input=nftables.render_delete(self.table),
-                       capture_output=True, text=True, timeout=30)
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            self.remove_rules()
         for link in reversed(self.links):
             sh(*self.on_node("ip", "link", "del", link), check=False)
         for ns in reversed(self.namespaces):

@@ -74,43 +74,47 @@ class Backend(Protocol):
 
 
 class NftBackend:
-    def __init__(self, table: str, nft: str = "nft") -> None:
+    """``wrap`` prefixes every command (tests run one inside a namespace with ``ip netns exec NS``)."""
+
+    def __init__(self, table: str, nft: str = "nft", *, wrap: Sequence[str] = ()) -> None:
         self.table, self.nft, self.name = nftables.check_table(table), nft, f"nftables table ip {table}"
+        self.wrap = list(wrap)
 
     async def apply(self, ports: Sequence[ServicePort]) -> None:
-        await run_tool([self.nft, "-f", "-"], nftables.render(self.table, ports))
+        await run_tool([*self.wrap, self.nft, "-f", "-"], nftables.render(self.table, ports))
 
     async def cleanup(self) -> None:
-        await run_tool([self.nft, "-f", "-"], nftables.render_delete(self.table))
+        await run_tool([*self.wrap, self.nft, "-f", "-"], nftables.render_delete(self.table))
 
 
 class IptablesBackend:
-    def __init__(self, table: str, iptables_cmd: str = "iptables") -> None:
+    def __init__(self, table: str, iptables_cmd: str = "iptables", *, wrap: Sequence[str] = ()) -> None:
         self.prefix = iptables.prefix_for(table)
         self.iptables = iptables_cmd
+        self.wrap = list(wrap)
         self.name = f"iptables chains {self.prefix}*"
 
     async def _existing(self) -> dict[str, list[str]]:
-        return {t: iptables.chains_in_save(await run_tool([f"{self.iptables}-save", "-t", t]))
+        return {t: iptables.chains_in_save(await run_tool([*self.wrap, f"{self.iptables}-save", "-t", t]))
                 for t in ("nat", "filter")}
 
     async def apply(self, ports: Sequence[ServicePort]) -> None:
         text = iptables.render(self.prefix, ports, existing=await self._existing())
-        await run_tool([f"{self.iptables}-restore", "-w", "--noflush"], text)
+        await run_tool([*self.wrap, f"{self.iptables}-restore", "-w", "--noflush"], text)
         for table, chain, spec in iptables.jumps(self.prefix):
             try:
-                await run_tool([self.iptables, "-w", "-t", table, "-C", chain, *spec])
+                await run_tool([*self.wrap, self.iptables, "-w", "-t", table, "-C", chain, *spec])
             except ProxyError:
-                await run_tool([self.iptables, "-w", "-t", table, "-I", chain, "1", *spec])
+                await run_tool([*self.wrap, self.iptables, "-w", "-t", table, "-I", chain, "1", *spec])
 
     async def cleanup(self) -> None:
         for table, chain, spec in iptables.jumps(self.prefix):
             for _ in range(10):  # every copy, should one have been inserted twice
                 try:
-                    await run_tool([self.iptables, "-w", "-t", table, "-D", chain, *spec])
+                    await run_tool([*self.wrap, self.iptables, "-w", "-t", table, "-D", chain, *spec])
                 except ProxyError:
                     break
-        await run_tool([f"{self.iptables}-restore", "-w", "--noflush"],
+        await run_tool([*self.wrap, f"{self.iptables}-restore", "-w", "--noflush"],
                        iptables.render_cleanup(self.prefix, await self._existing()))
 
 
