@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from kplane.controllers.endpoints import desired_endpoints, desired_slices
@@ -242,3 +245,11 @@ def test_service_environment_variables(cluster: Cluster, ns: str) -> None:
     assert not any(k.startswith("ENV_SVC_") for k in unlinked)
     for env in (linked, unlinked):  # always there: the in-cluster config reads these two
         assert env["KUBERNETES_SERVICE_HOST"] and env["KUBERNETES_SERVICE_PORT"]
+
+
+def test_bad_service_range_flag_is_a_clear_error(tmp_path: Path) -> None:
+    for bad, text in (("10.0.0.1/24", "has host bits set"), ("10.0.0.0/30", "too small"),
+                      ("fe80::/64", "only IPv4"), ("banana", "does not appear to be")):
+        p = subprocess.run([sys.executable, "-m", "kplane.cli", "up", "--data-dir", str(tmp_path / "d"),
+                            "--service-cluster-ip-range", bad], capture_output=True, text=True, timeout=30)
+        assert p.returncode == 1 and text in p.stderr and "Traceback" not in p.stderr, (bad, p.stderr)

@@ -118,7 +118,14 @@ def parse_duration(text: str) -> int:
 def _up(args: argparse.Namespace, *, node: bool) -> Callable[[asyncio.Event], Awaitable[int]]:
     async def go(stop: asyncio.Event) -> int:
         from kplane.controlplane import Config, run_forever
-        from kplane.netutil import default_ipv4
+        from kplane.netutil import default_ipv4, parse_cidr
+
+        try:
+            svc_net = parse_cidr(args.service_cluster_ip_range, "--service-cluster-ip-range")
+        except ValueError as exc:
+            raise SystemExit(f"kplane: {exc}") from None
+        if svc_net.num_addresses < 8:
+            raise SystemExit(f"kplane: --service-cluster-ip-range {svc_net} is too small (at least a /29)")
 
         cfg = Config(data_dir=args.data_dir.resolve(), port=args.apiserver_port, bind_address=args.bind_address,
                      advertise_address=args.advertise_address or default_ipv4(), extra_sans=args.tls_san,

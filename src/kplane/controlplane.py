@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import uuid
@@ -62,7 +63,9 @@ class Config:
 def prepare_pki(cfg: Config) -> None:
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     cfg.data_dir.chmod(0o700)
-    ips = sorted({"127.0.0.1", cfg.advertise_address, *[s for s in cfg.extra_sans if _is_ip(s)]})
+    # pods reach the apiserver as https://<first address of the service range> (the kubernetes Service)
+    kubernetes_vip = str(ipaddress.ip_network(cfg.service_cidr, strict=True).network_address + 1)
+    ips = sorted({"127.0.0.1", cfg.advertise_address, kubernetes_vip, *[s for s in cfg.extra_sans if _is_ip(s)]})
     dns = sorted({socket.gethostname(), *[s for s in cfg.extra_sans if not _is_ip(s)]})
     pki.ensure_pki(cfg.pki_dir, sans_dns=dns, sans_ips=ips)
     ca_pem = (cfg.pki_dir / "ca.crt").read_bytes()
