@@ -9,9 +9,12 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import random
 import shutil
 import socket
 import ssl
+import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -44,6 +47,7 @@ FAST = Backoff(base=0.05, cap=0.5)
 @dataclass
 class Certs:
     dir: Path
+    authority: pki.KeyPair
 
     def p(self, name: str) -> Path:
         return self.dir / name
@@ -73,7 +77,7 @@ def certs() -> Iterator[Certs]:
                                      server=True))
     rogue = pki.new_ca("kplane-test-ca")  # same name, different key
     _save(d, "rogue", pki.issue(rogue, common_name="system:node:n1", organizations=["system:nodes"], client=True))
-    yield Certs(d)
+    yield Certs(d, ca)
     shutil.rmtree(d, ignore_errors=True)
 
 
@@ -788,3 +792,104 @@ def _local_addresses() -> list[str]:
             return [s.getsockname()[0]]
     except OSError:
         return []
+
+
+# --------------------------------------------------------------------------------------------------
+# a node the control plane cannot reach: only the agent's outbound connection links them
+# --------------------------------------------------------------------------------------------------
+
+AGENT_IN_NETNS = """
+import asyncio, sys
+from kplane.tunnel.agent import KonnectivityAgent
+from kplane.tunnel.clientset import Backoff
+
+async def echo(r, w):
+    while data := await r.read(65536):
+        w.write(data)
+        await w.drain()
+    w.close()
+
+async def main():
+    server_addr, ca, crt, key = sys.argv[1:5]
+    srv = await asyncio.start_server(echo, "127.0.0.1", 0)
+    agent = KonnectivityAgent([server_addr], ca, crt, key, agent_id="n1", identifiers="ipv4=127.0.0.1",
+                              backoff=Backoff(0.05, 0.5))
+    await agent.start()
+    print(srv.sockets[0].getsockname()[1], flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+@dataclass
+class NetNS:
+    name: str
+    host_ip: str
+    ns_ip: str
+
+
+@pytest.fixture
+def netns() -> Iterator[NetNS]:
+    """A network namespace joined to the host by a veth /30; names unique to this run, removed at the end."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2 (ip) is not installed")
+    tag = f"{os.getpid() % 100000}{random.randrange(100):02d}"
+    name, host_if, ns_if = f"kt-ns-{tag}", f"kth{tag}", f"ktn{tag}"
+    used = subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True, text=True).stdout
+    a, b = next((a, b) for a, b in ((random.randrange(256), 4 * random.randrange(64)) for _ in range(100))
+                if f"10.213.{a}.{b + 1}/" not in used and f"10.213.{a}.{b + 2}/" not in used)
+    host_ip, ns_ip = f"10.213.{a}.{b + 1}", f"10.213.{a}.{b + 2}"
+    try:
+        _ip("netns", "add", name)
+        _ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+        _ip("link", "set", ns_if, "netns", name)
+        _ip("addr", "add", f"{host_ip}/30", "dev", host_if)
+        _ip("link", "set", host_if, "up")
+        _ip("-n", name, "addr", "add", f"{ns_ip}/30", "dev", ns_if)
+        _ip("-n", name, "link", "set", ns_if, "up")
+        _ip("-n", name, "link", "set", "lo", "up")
+        yield NetNS(name, host_ip, ns_ip)
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+
+
+@pytest.mark.root
+async def test_echo_reachable_only_through_the_agent_from_a_network_namespace(
+        certs: Certs, sockdir: Path, stack: contextlib.AsyncExitStack, netns: NetNS) -> None:
+    serving = pki.issue(certs.authority, common_name="konnectivity-server", server=True, ips=[netns.host_ip])
+    _save(certs.dir, f"server-{netns.name}", serving)
+    server = KonnectivityServer(0, sockdir / "k.sock", certs.ca, certs.p(f"server-{netns.name}.crt"),
+                                certs.p(f"server-{netns.name}.key"), host=netns.host_ip, mode="http-connect",
+                                health_port=None, authorizer=NodeAgentAuthorizer(node_addresses=_owned))
+    await server.start()
+    stack.push_async_callback(server.stop)
+    proc = await asyncio.create_subprocess_exec(
+        "ip", "netns", "exec", netns.name, sys.executable, "-c", AGENT_IN_NETNS,
+        f"{netns.host_ip}:{server.agent_port}", str(certs.ca), str(certs.p("n1.crt")), str(certs.p("n1.key")),
+        stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+    async def reap() -> None:
+        proc.kill()
+        await proc.wait()
+
+    stack.push_async_callback(reap)
+    assert proc.stdout is not None
+    async with asyncio.timeout(30):
+        port = int(await proc.stdout.readline())
+        await until(lambda: server.core.ready)
+
+    # the echo server listens on the namespace's loopback: nothing on the host reaches it directly
+    for host in ("127.0.0.1", netns.ns_ip):
+        with pytest.raises(OSError):
+            async with asyncio.timeout(5):
+                _, w = await asyncio.open_connection(host, port)
+            w.close()
+    await echo_roundtrip(server, port, os.urandom(1 << 20))
