@@ -3,6 +3,7 @@ hand-made EndpointSlice pointing at servers this test runs on the host; the VIP 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -15,6 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from ipaddress import IPv4Network
@@ -25,8 +27,10 @@ import pytest
 from cryptography import x509
 
 from kplane import pki
+from kplane.client import APIClient
 from kplane.proxy.model import table_name
-from tests.cluster import Cluster
+from kplane.proxy.proxier import NftBackend, Proxier
+from tests.cluster import Cluster, free_port
 
 pytestmark = [
     pytest.mark.root,
@@ -312,3 +316,57 @@ def hairpin_mode(uid: str) -> bool:
     m = re.search(rf"^\d+: ([^@:]+)@[^:]+:.*link-netns \S*{re.escape(uid)}\b", links, re.M)
     assert m, f"no veth for pod {uid}"
     return Path(f"/sys/class/net/{m.group(1)}/brport/hairpin_mode").read_text().strip() == "1"
+
+
+def health(port: int) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+    except OSError:
+        return 0, {}
+
+
+def run(*argv: str) -> None:
+    subprocess.run(list(argv), check=True, capture_output=True, timeout=30)
+
+
+async def until(check: Callable[[], bool], what: str, limit: float = 30.0) -> None:
+    deadline = time.monotonic() + limit
+    while not await asyncio.to_thread(check):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+async def test_proxier_fails_visibly_recovers_and_restores_a_deleted_table(cluster: Cluster, ns: str) -> None:
+    """A Proxier with the admin's client and its rules in a namespace that does not exist yet: syncs fail (503
+    with the reason), succeed once it exists, follow a new Service, and put back a table someone deleted."""
+    scratch = f"kpx-{uuid.uuid4().hex[:6]}-late"
+    table = f"kplane-proxy-{uuid.uuid4().hex[:8]}"
+    client = APIClient(cluster.url, ca_file=cluster.pki / "ca.crt", cert_file=cluster.pki / "admin.crt",
+                       key_file=cluster.pki / "admin.key")
+    port = free_port()
+    proxier = Proxier(lambda: client, NftBackend(table, wrap=["ip", "netns", "exec", scratch]), node_name="test",
+                      healthz_port=port, sync_period=1.0, retry_interval=0.2)
+
+    def listed() -> str:
+        p = subprocess.run(["ip", "netns", "exec", scratch, "nft", "list", "table", "ip", table],
+                           capture_output=True, text=True, timeout=30)
+        return p.stdout if p.returncode == 0 else ""
+
+    await proxier.start()
+    try:
+        await until(lambda: health(port)[0] == 503 and "last sync failed" in health(port)[1].get("reason", ""),
+                    "a failed sync to show in /healthz")
+        await asyncio.to_thread(run, "ip", "netns", "add", scratch)
+        await until(lambda: health(port)[0] == 200, "the proxier to recover")
+        vip = await asyncio.to_thread(create_service, cluster, ns, "late")
+        await until(lambda: vip in listed(), "the new Service in the table")
+        await asyncio.to_thread(run, "ip", "netns", "exec", scratch, "nft", "delete", "table", "ip", table)
+        await until(lambda: vip in listed(), "the periodic sync to restore the deleted table")
+    finally:
+        await proxier.stop()
+        await client.close()
+        await asyncio.to_thread(subprocess.run, ["ip", "netns", "del", scratch], capture_output=True, timeout=30)
+    assert (await asyncio.to_thread(health, port))[0] == 0  # the health endpoint is gone with the proxier
