@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/startup_bench.py
 	$(BIN)/python bench/api_bench.py
 	$(BIN)/python bench/stream_bench.py
+	$(BIN)/python bench/service_bench.py
 
 clean:
 	rm -rf $(VENV) .kplane build *.egg-info src/*.egg-info
