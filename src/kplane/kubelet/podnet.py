@@ -287,7 +287,7 @@ def create_netns(name: str) -> None:
 
     def body() -> None:
         _unshare_netns()
-        netns.attach(name, threading.get_native_id())
+        netns.attach(str(path), threading.get_native_id())
 
     _in_fresh_thread(body)
 
@@ -411,14 +411,15 @@ def ensure_pod(netns_name: str, veth: str, bridge: str, ip: str, prefixlen: int,
 def remove_pod(netns_name: str, veth: str) -> None:
     from pyroute2 import IPRoute, netns
 
-    with IPRoute() as ipr:
-        idx = _link(ipr, veth)
-        if idx is not None:
-            with _ignore(errno.ENODEV):
-                ipr.link("del", index=idx)
-    if (NETNS_DIR / netns_name).exists():
+    if veth:
+        with IPRoute() as ipr:
+            idx = _link(ipr, veth)
+            if idx is not None:
+                with _ignore(errno.ENODEV):
+                    ipr.link("del", index=idx)
+    if netns_name and (NETNS_DIR / netns_name).exists():
         with contextlib.suppress(FileNotFoundError):
-            netns.remove(netns_name)
+            netns.remove(str(NETNS_DIR / netns_name))
 
 
 def remove_link(name: str) -> None:
