@@ -186,8 +186,8 @@ async def _echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         await w.drain()
 
 
-async def echo_roundtrip(server: KonnectivityServer, port: int, payload: bytes) -> None:
-    r, w = await open_tunnel(server, "127.0.0.1", port)
+async def echo_roundtrip(server: KonnectivityServer, port: int, payload: bytes, host: str = "127.0.0.1") -> None:
+    r, w = await open_tunnel(server, host, port)
     try:
         reading = asyncio.create_task(read_exactly(r, len(payload)))
         w.write(payload)
@@ -254,6 +254,44 @@ async def test_large_transfer(certs: Certs, sockdir: Path, stack: contextlib.Asy
     await start_agent(stack, certs, [server], **({} if window else {"window": None}))
     async with asyncio.timeout(90):
         await echo_roundtrip(server, echo.port, os.urandom(24 << 20))
+
+
+async def test_several_agents_each_get_the_dials_for_their_own_addresses(
+        certs: Certs, sockdir: Path, stack: contextlib.AsyncExitStack) -> None:
+    echo1 = await tcp_server(stack, _echo, host="127.0.0.1")
+    echo2 = await tcp_server(stack, _echo, host="127.0.0.2")
+    server = await start_server(stack, certs, sockdir, "grpc")
+    a1 = await start_agent(stack, certs, [server], node="n1", ids="ipv4=127.0.0.1")
+    a2 = await start_agent(stack, certs, [server], node="n2", ids="ipv4=127.0.0.2")
+    assert set(server.core.agents) == {"n1", "n2"}
+    for _ in range(3):
+        await echo_roundtrip(server, echo1.port, b"to n1", host="127.0.0.1")
+        await echo_roundtrip(server, echo2.port, b"to n2", host="127.0.0.2")
+    assert a1.stats["dial_ok"] == 3 and a2.stats["dial_ok"] == 3
+
+
+async def test_dial_cancelled_by_the_frontend_is_cancelled_at_the_agent(
+        certs: Certs, sockdir: Path, stack: contextlib.AsyncExitStack) -> None:
+    # a listener whose accept queue is full: a new connect to it hangs (its SYN is dropped)
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    stack.callback(full.close)
+    port = full.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", port))
+    stack.callback(filler.close)
+    server = await start_server(stack, certs, sockdir, "grpc")
+    agent = await start_agent(stack, certs, [server], dial_timeout=30)
+    async with grpc.aio.insecure_channel(f"unix:{server.uds_path}") as ch:
+        call = pb_grpc.ProxyServiceStub(ch).Proxy()
+        await call.write(P.dial_request(f"127.0.0.1:{port}", 77))
+        async with asyncio.timeout(10):
+            await until(lambda: any(s.dials for s in agent.sessions.values()))
+        await call.write(P.close_dial(77))
+        async with asyncio.timeout(10):  # well before the agent's own 30 s dial timeout
+            await until(lambda: not any(s.dials for s in agent.sessions.values()))
+            await until(lambda: server.core.gauges()["pending_backend_dials"] == 0)
+        call.cancel()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -199,11 +199,12 @@ class _FrontendQueue:
             ev.set()
 
     async def wait(self, connect_id: int) -> None:
+        # nothing awaits between the caller seeing no credit and this registration, so no wake-up is missed
         ev = self.events.setdefault(connect_id, asyncio.Event())
         try:
             await ev.wait()
         finally:
-            ev.clear()
+            del self.events[connect_id]
 
 
 async def forward_with_credit(core: ProxyCore, f: Frontend, link: _FrontendQueue, cid: int,
