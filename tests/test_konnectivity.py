@@ -76,6 +76,7 @@ def certs() -> Iterator[Certs]:
     _save(d, "serveronly", pki.issue(ca, common_name="system:node:n1", organizations=["system:nodes"],
                                      server=True))
     rogue = pki.new_ca("kplane-test-ca")  # same name, different key
+    _save(d, "rogue-ca", pki.KeyPair(rogue.cert))
     _save(d, "rogue", pki.issue(rogue, common_name="system:node:n1", organizations=["system:nodes"], client=True))
     yield Certs(d, ca)
     shutil.rmtree(d, ignore_errors=True)
@@ -463,13 +464,16 @@ async def _never_connects(agent: KonnectivityAgent, server: KonnectivityServer) 
         await agent.stop()
 
 
-@pytest.mark.parametrize("cred", ["no-cert", "foreign-ca", "server-only-cert", "not-a-node"])
+@pytest.mark.parametrize("cred", ["no-cert", "foreign-ca", "server-only-cert", "not-a-node", "untrusted-server"])
 async def test_agent_with_a_bad_certificate_is_refused(certs: Certs, sockdir: Path,
                                                         stack: contextlib.AsyncExitStack, cred: str) -> None:
     server = await start_server(stack, certs, sockdir)
     addr = [f"127.0.0.1:{server.agent_port}"]
     if cred == "no-cert":
         agent = make_agent(certs, addr, token="whatever")
+    elif cred == "untrusted-server":  # the agent checks the server too: this CA did not sign its certificate
+        agent = KonnectivityAgent(addr, certs.p("rogue-ca.crt"), certs.p("n1.crt"), certs.p("n1.key"),
+                                  agent_id="n1", identifiers="ipv4=127.0.0.1", backoff=FAST)
     else:
         name = {"foreign-ca": "rogue", "server-only-cert": "serveronly", "not-a-node": "alice"}[cred]
         agent = make_agent(certs, addr, cert_file=certs.p(f"{name}.crt"), key_file=certs.p(f"{name}.key"))
