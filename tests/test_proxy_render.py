@@ -414,6 +414,7 @@ def test_from_api_conflicts_and_garbage() -> None:
         {"metadata": {}, "spec": {}},
         {},
         svc("c", "ports-garbage", "172.31.0.5", "not-a-port"),  # type: ignore[arg-type]
+        svc("a", "first", "172.31.0.9", {"port": 80}),  # the same name again (a cache could never hold this)
     ]
     slices: list[dict[str, Any]] = [{}, {"metadata": {"namespace": "a", "labels": {
         "kubernetes.io/service-name": "first"}}, "addressType": "IPv4", "ports": ["x", {"port": 80}],
@@ -424,7 +425,8 @@ def test_from_api_conflicts_and_garbage() -> None:
     assert ports[0].endpoints == (Endpoint("10.0.0.1", 80),)
     assert "b/second:: 172.31.0.1 TCP/80 is already used by a/first:" in problems
     assert "c/twice:b: TCP port 80 is defined twice" in problems
-    assert len(problems) == 6, problems
+    assert "service a/first is listed twice; the first is used" in problems
+    assert len(problems) == 7, problems
     nftables.render(T, ports)
 
 
@@ -434,6 +436,85 @@ def test_from_api_caps_endpoints() -> None:
     ports, problems = from_api([svc("a", "b", "172.31.0.1", {"port": 80})], [sl])
     assert len(ports[0].endpoints) == MAX_ENDPOINTS_PER_PORT
     assert problems == [f"a/b:: {n} ready endpoints, only the first {MAX_ENDPOINTS_PER_PORT} used"]
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers(-2, 70000) | st.text(max_size=8),
+                     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+                     max_leaves=12)
+
+
+_name = st.sampled_from(["a", "b", "web", "a", "b", "web", "Bad_Name", "", "x" * 64, 7])
+_ipish = st.sampled_from(["172.31.0.1", "172.31.0.2", "10.0.0.1", "10.0.0.2", "172.31.0.1", "10.0.0.1", "None", "",
+                          "fd00::1", "127.0.0.1", "1.2.3.256", "10.0.0.01", None, 3])
+_port = st.sampled_from([53, 80, 8080, 53, 80, 0, 65536, -1, "80", None, True])
+_proto = st.sampled_from(["TCP", "UDP", None, "TCP", "UDP", "SCTP", "tcp", 6])
+_port_entry = st.fixed_dictionaries({"name": st.sampled_from(["", "", "dns", "http", "Bad!", None]), "port": _port,
+                                     "protocol": _proto})
+_ports = st.lists(_port_entry | _json, max_size=3)
+_svc_ok = st.fixed_dictionaries({
+    "metadata": st.fixed_dictionaries({"namespace": _name, "name": _name}),
+    "spec": st.fixed_dictionaries({"clusterIP": _ipish, "ports": _ports,
+                                   "type": st.sampled_from(["ClusterIP", "ClusterIP", "ExternalName", None])})})
+_slice_ok = st.fixed_dictionaries({
+    "metadata": st.fixed_dictionaries({"namespace": _name, "name": _name,
+                                       "labels": st.fixed_dictionaries({"kubernetes.io/service-name": _name})}),
+    "addressType": st.sampled_from(["IPv4", "IPv4", "IPv6", None]),
+    "ports": _ports,
+    "endpoints": st.lists(st.fixed_dictionaries({
+        "addresses": st.lists(_ipish, max_size=2) | _json,
+        "conditions": st.fixed_dictionaries({"ready": st.sampled_from([True, None, True, False, "no"])})}) | _json,
+        max_size=3)})
+# well-formed objects with odd values in them, and now and then anything at all
+_svc = st.one_of(_svc_ok, _svc_ok, _svc_ok, _json)
+_slice = st.one_of(_slice_ok, _slice_ok, _slice_ok, _json)
+
+
+@settings(max_examples=300)
+@given(services=st.lists(_svc, max_size=5), slices=st.lists(_slice, max_size=5))
+def test_from_api_takes_any_objects(services: list[Any], slices: list[Any]) -> None:
+    """Whatever the API hands over: no exception, and what comes out always renders."""
+    ports, problems = from_api(services, slices)
+    assert all(isinstance(p, str) for p in problems)
+    nftables.render(T, ports)
+    iptables.render("KP-0123abcd-", ports)
+
+
+_v_port = st.fixed_dictionaries({"name": st.sampled_from(["", "dns", "http"]), "port": st.sampled_from([53, 80]),
+                                 "protocol": st.sampled_from(["TCP", "UDP"])})
+_v_svc = st.fixed_dictionaries({
+    "metadata": st.fixed_dictionaries({"namespace": st.sampled_from(["a", "b"]),
+                                       "name": st.sampled_from(["web", "dns", "api"])}),
+    "spec": st.fixed_dictionaries({"clusterIP": st.sampled_from(["172.31.0.1", "172.31.0.2", "172.31.0.3"]),
+                                   "ports": st.lists(_v_port, min_size=1, max_size=3)})})
+_v_slice = st.fixed_dictionaries({
+    "metadata": st.fixed_dictionaries({"namespace": st.sampled_from(["a", "b"]), "name": st.text("xyz", max_size=3),
+                                       "labels": st.fixed_dictionaries({"kubernetes.io/service-name":
+                                                                        st.sampled_from(["web", "dns", "api"])})}),
+    "addressType": st.just("IPv4"),
+    "ports": st.lists(st.fixed_dictionaries({"name": st.sampled_from(["", "dns", "http"]),
+                                             "port": st.sampled_from([53, 8053, 8080]),
+                                             "protocol": st.sampled_from(["TCP", "UDP"])}), max_size=3),
+    "endpoints": st.lists(st.fixed_dictionaries({
+        "addresses": st.lists(st.sampled_from(["10.0.0.1", "10.0.0.2", "10.0.0.3"]), min_size=1, max_size=2),
+        "conditions": st.fixed_dictionaries({"ready": st.sampled_from([True, False, None])})}), max_size=4)})
+
+
+@settings(max_examples=300)
+@given(services=st.lists(_v_svc, max_size=6), slices=st.lists(_v_slice, max_size=6))
+def test_from_api_conflicts_always_resolved(services: list[Any], slices: list[Any]) -> None:
+    """Well-formed objects that collide (same VIP and port, same port twice, several slices): the result always
+    renders, and every endpoint is a ready address of a slice of that service with that port name/protocol."""
+    ports, _ = from_api(services, slices)
+    nftables.render(T, ports)
+    for sp in ports:
+        for ep in sp.endpoints:
+            assert any(
+                sl["metadata"]["namespace"] == sp.namespace
+                and sl["metadata"]["labels"]["kubernetes.io/service-name"] == sp.service
+                and any(p["name"] == sp.port_name and p["protocol"] == sp.protocol and p["port"] == ep.port
+                        for p in sl["ports"])
+                and any(e["addresses"][0] == ep.ip and e["conditions"]["ready"] is not False for e in sl["endpoints"])
+                for sl in slices), (sp, ep)
 
 
 # --- health -------------------------------------------------------------------------------------------------

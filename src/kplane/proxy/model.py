@@ -154,6 +154,15 @@ def sorted_endpoints(sp: ServicePort) -> list[Endpoint]:
 # --- from the API -----------------------------------------------------------------------------------------
 
 
+def _map(value: object) -> Mapping[str, Any]:
+    """The mapping, or an empty one for anything else (API objects are input, not promises)."""
+    return value if isinstance(value, Mapping) else {}
+
+
+def _list(value: object) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
 def _ready(ep: Mapping[str, Any]) -> bool:
     cond = ep.get("conditions")
     return not (isinstance(cond, Mapping) and cond.get("ready") is False)
@@ -167,13 +176,14 @@ def from_api(services: Iterable[Mapping[str, Any]], slices: Iterable[Mapping[str
     # (namespace, service) -> (port name, protocol) -> endpoints
     ready: dict[tuple[str, str], dict[tuple[str, str], set[Endpoint]]] = {}
     for sl in slices:
-        meta = sl.get("metadata") or {}
+        sl = _map(sl)
+        meta = _map(sl.get("metadata"))
         ns, name = meta.get("namespace"), meta.get("name")
-        svc = (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)
+        svc = _map(meta.get("labels")).get(SERVICE_NAME_LABEL)
         if not isinstance(svc, str) or not isinstance(ns, str) or sl.get("addressType") != "IPv4":
             continue
         per_port = ready.setdefault((ns, svc), {})
-        for p in sl.get("ports") or []:
+        for p in _list(sl.get("ports")):
             if not isinstance(p, Mapping):
                 continue
             pname, proto = p.get("name") or "", p.get("protocol") or "TCP"
@@ -183,7 +193,7 @@ def from_api(services: Iterable[Mapping[str, Any]], slices: Iterable[Mapping[str
                 problems.append(str(exc))
                 continue
             bucket = per_port.setdefault((str(pname), str(proto)), set())
-            for ep in sl.get("endpoints") or []:
+            for ep in _list(sl.get("endpoints")):
                 if not isinstance(ep, Mapping) or not _ready(ep):
                     continue
                 addrs = ep.get("addresses") or []
@@ -195,20 +205,28 @@ def from_api(services: Iterable[Mapping[str, Any]], slices: Iterable[Mapping[str
                     problems.append(str(exc))
     out: list[ServicePort] = []
     used: dict[tuple[str, str, int], str] = {}
-    for svc in sorted(services, key=lambda s: (str((s.get("metadata") or {}).get("namespace")),
-                                               str((s.get("metadata") or {}).get("name")))):
+    svcs = [_map(s) for s in services]
+    seen: set[tuple[str, str]] = set()
+    for svc in sorted(svcs, key=lambda s: (str(_map(s.get("metadata")).get("namespace")),
+                                           str(_map(s.get("metadata")).get("name")))):
+        meta = _map(svc.get("metadata"))
+        key = (str(meta.get("namespace")), str(meta.get("name")))
+        if key in seen and all(isinstance(meta.get(k), str) for k in ("namespace", "name")):
+            problems.append(f"service {key[0]}/{key[1]} is listed twice; the first is used")
+            continue
+        seen.add(key)
         out.extend(_service_ports(svc, ready, used, problems))
     return out, problems
 
 
 def _service_ports(svc: Mapping[str, Any], ready: dict[tuple[str, str], dict[tuple[str, str], set[Endpoint]]],
                    used: dict[tuple[str, str, int], str], problems: list[str]) -> list[ServicePort]:
-    meta = svc.get("metadata") or {}
-    spec = svc.get("spec") or {}
+    meta = _map(svc.get("metadata"))
+    spec = _map(svc.get("spec"))
     ns, name = meta.get("namespace"), meta.get("name")
     if spec.get("type") == "ExternalName":
         return []
-    ips = spec.get("clusterIPs") or ([spec["clusterIP"]] if spec.get("clusterIP") else [])
+    ips = _list(spec.get("clusterIPs")) or [spec.get("clusterIP")]
     ips = [ip for ip in ips if isinstance(ip, str) and ip not in ("", "None") and ":" not in ip]
     if not ips:
         return []  # headless, not allocated yet, or IPv6 only
@@ -221,7 +239,7 @@ def _service_ports(svc: Mapping[str, Any], ready: dict[tuple[str, str], dict[tup
         return []
     out: list[ServicePort] = []
     seen: set[tuple[str, int]] = set()
-    for p in spec.get("ports") or []:
+    for p in _list(spec.get("ports")):
         if not isinstance(p, Mapping):
             continue
         pname = p.get("name") or ""

@@ -27,7 +27,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-import aiohttp
 from aiohttp import web
 
 from kplane.client import APIClient
@@ -245,9 +244,10 @@ class Proxier:
                             await asyncio.wait_for(self._stop.wait(), 1.0)
             except asyncio.CancelledError:
                 raise
-            except (StatusError, aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            except Exception as exc:  # a broken stream or object must not end the watch for good
                 if not self._stop.is_set():
-                    log.warning("kube-proxy for node %s: %s list/watch: %s; retrying", self.node_name, kind, exc)
+                    log.warning("kube-proxy for node %s: %s list/watch: %s: %s; retrying", self.node_name, kind,
+                                type(exc).__name__, exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), backoff)
                 backoff = min(backoff * 2, 10.0)
@@ -266,7 +266,12 @@ class Proxier:
     async def sync_once(self, *, force: bool) -> bool:
         """Apply the desired rules (unless they are in place and ``force`` is false). True when they are."""
         started = time.monotonic()
-        ports = self.desired()
+        try:
+            ports = self.desired()
+        except Exception as exc:  # from_api skips what it cannot use; this is a bug, not bad input
+            log.exception("kube-proxy for node %s: could not compute rules", self.node_name)
+            self.health.failed(f"could not compute rules: {exc}")
+            return False
         if not force and ports == self.applied:
             self.health.synced(time.monotonic(), time.time(), queued_before=started)
             return True
