@@ -13,6 +13,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 KUBECTL = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or "kubectl"
 
@@ -63,6 +64,13 @@ class Cluster:
     kubelet_port: int = field(default_factory=free_port)
     proxy_healthz_port: int = field(default_factory=free_port)
     net_index: int = -1
+
+    @property
+    def node_ip(self) -> str:
+        """The address `kplane up` gives its node (and its kubelet serving certificate)."""
+        from kplane.netutil import default_ipv4
+
+        return default_ipv4()
 
     @property
     def cluster_cidr(self) -> str:
@@ -166,3 +174,19 @@ def stop_containers(data_dir: Path) -> None:
 
     for node_dir in data_dir.glob("node/*"):  # the pods' namespaces, veths, bridge, routes and nft table
         podnet.cleanup_node(node_dir)
+
+
+async def update_retrying(client: Any, path: str, mutate: Any, attempts: int = 20) -> Any:
+    """GET ``path``, apply ``mutate(obj)``, PUT it back; on a 409 (a controller wrote in between, e.g. node IPAM
+    setting a podCIDR) start again from a fresh read."""
+    from kplane.errors import StatusError
+
+    for _ in range(attempts):
+        cur = await client.get(path)
+        mutate(cur)
+        try:
+            return await client.update(path, cur)
+        except StatusError as err:
+            if err.code != 409:
+                raise
+    raise AssertionError(f"{path}: still conflicting after {attempts} attempts")

@@ -24,7 +24,7 @@ from kplane.controllers.bootstrap import BootstrapSigner, TokenCleaner
 from kplane.controllers.certificates import CSR_PATH, CSRApprover, CSRSigner
 from kplane.controllers.nodelifecycle import NOT_READY, UNREACHABLE, NodeLifecycle
 from kplane.errors import StatusError
-from tests.cluster import Cluster
+from tests.cluster import Cluster, update_retrying
 
 Obj = dict[str, Any]
 
@@ -161,9 +161,7 @@ async def test_cluster_info_signed_for_token_and_unsigned_after_delete(cluster: 
         assert not bootstraptoken.verify_jws_detached(sig, kubeconfig.encode(), bootstraptoken.generate())
 
         # an admin's stray edit of the kubeconfig is put back
-        cur = await admin.get(path)
-        cur["data"]["kubeconfig"] = "tampered"
-        await admin.update(path, cur)
+        await update_retrying(admin, path, lambda cur: cur["data"].__setitem__("kubeconfig", "tampered"))
         await _eventually(lambda: _cm_value(admin, path, "kubeconfig", kubeconfig), what="kubeconfig restored")
 
         await admin.delete(f"/api/v1/namespaces/kube-system/secrets/bootstrap-token-{tid}")
@@ -312,15 +310,14 @@ async def test_node_cannot_get_client_cert_for_other_node(
 async def _make_node(admin: APIClient, name: str, addresses: list[tuple[str, str]],
                      ready: str | None = "True", heartbeat: str | None = None) -> Obj:
     await admin.create("/api/v1/nodes", {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
-    node = await admin.get(f"/api/v1/nodes/{name}")
     st: Obj = {"addresses": [{"type": t, "address": a} for t, a in addresses]}
     if ready is not None:
         hb = heartbeat or datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         st["conditions"] = [{"type": "Ready", "status": ready, "reason": "KubeletReady",
                              "message": "kubelet is posting ready status", "lastHeartbeatTime": hb,
                              "lastTransitionTime": hb}]
-    node["status"] = st
-    return await admin.update(f"/api/v1/nodes/{name}/status", node)
+    out: Obj = await update_retrying(admin, f"/api/v1/nodes/{name}/status", lambda n: n.__setitem__("status", st))
+    return out
 
 
 async def test_serving_csr_for_foreign_san_denied_own_sans_issued(
@@ -514,13 +511,13 @@ async def test_stale_node_becomes_unknown_and_tainted_then_recovers(admin: APICl
 
         # the kubelet comes back: renews its lease and posts Ready=True -> taints go away and stay away
         renewing.add(stale)
-        node = await admin.get(f"/api/v1/nodes/{stale}")
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        node["status"]["conditions"] = [{"type": t, "status": "True" if t == "Ready" else "False",
-                                         "reason": "KubeletReady" if t == "Ready" else "Fine", "message": "ok",
-                                         "lastHeartbeatTime": now, "lastTransitionTime": now}
-                                        for t in ("Ready", "MemoryPressure", "DiskPressure", "PIDPressure")]
-        await admin.update(f"/api/v1/nodes/{stale}/status", node)
+        conds = [{"type": t, "status": "True" if t == "Ready" else "False",
+                  "reason": "KubeletReady" if t == "Ready" else "Fine", "message": "ok",
+                  "lastHeartbeatTime": now, "lastTransitionTime": now}
+                 for t in ("Ready", "MemoryPressure", "DiskPressure", "PIDPressure")]
+        await update_retrying(admin, f"/api/v1/nodes/{stale}/status",
+                              lambda n: n["status"].__setitem__("conditions", conds))
 
         async def untainted() -> bool:
             return not _taints(await admin.get(f"/api/v1/nodes/{stale}"))

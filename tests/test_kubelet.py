@@ -27,7 +27,7 @@ KUBELET_PATHS = ["/healthz", "/pods", "/runningpods/", "/configz", "/metrics", "
 
 
 def kubelet_url(cluster: Cluster, path: str) -> str:
-    return f"https://127.0.0.1:{cluster.kubelet_port}{path}"
+    return f"https://{cluster.node_ip}:{cluster.kubelet_port}{path}"  # the serving cert names the node's address
 
 
 def sa_token(cluster: Cluster, ns: str, name: str) -> str:
@@ -64,7 +64,7 @@ def test_kubelet_serves_authorized_callers(cluster: Cluster) -> None:
     summary = requests.get(kubelet_url(cluster, "/stats/summary"), cert=admin, verify=ca, timeout=10).json()
     assert summary["node"]["nodeName"]
     # the kubelet's serving certificate is the one the CSR flow issued, valid for the node's address
-    der = ssl.get_server_certificate(("127.0.0.1", cluster.kubelet_port))
+    der = ssl.get_server_certificate((cluster.node_ip, cluster.kubelet_port))
     from cryptography import x509
 
     cert = x509.load_pem_x509_certificate(der.encode())

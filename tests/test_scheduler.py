@@ -24,7 +24,7 @@ from kplane.controllers.scheduler import (
     untolerated_taint,
 )
 from kplane.errors import StatusError
-from tests.cluster import Cluster
+from tests.cluster import Cluster, update_retrying
 
 Obj = dict[str, Any]
 
@@ -280,11 +280,11 @@ async def test_scheduler_against_cluster(cluster: Cluster, ns: str) -> None:
             body = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels},
                     "spec": {"taints": taints}}
             await asyncio.to_thread(cluster.kubectl, "apply", "-f", "-", input=json.dumps(body))
-            cur = await admin.get(f"/api/v1/nodes/{name}")
-            cur["status"] = {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
-                                             "message": "fake node for the scheduler test"}],
-                             "capacity": alloc, "allocatable": alloc}
-            await admin.update(f"/api/v1/nodes/{name}/status", cur)
+            status = {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                                      "message": "fake node for the scheduler test"}],
+                      "capacity": alloc, "allocatable": alloc}
+            await update_retrying(admin, f"/api/v1/nodes/{name}/status",
+                                  lambda cur, st=status: cur.__setitem__("status", st))
 
         sched.start()
         await create(pod_body("plain"))
@@ -327,10 +327,9 @@ async def test_scheduler_against_cluster(cluster: Cluster, ns: str) -> None:
         await admin.create("/api/v1/nodes", {"apiVersion": "v1", "kind": "Node",
                                              "metadata": {"name": extra, "labels": {"disk": "ssd", **pool}}})
         assert await bound_to("picky") == ""
-        cur = await admin.get(f"/api/v1/nodes/{extra}")
-        cur["status"] = {"conditions": [{"type": "Ready", "status": "True"}],
-                         "allocatable": {"cpu": "1", "memory": "1Gi", "pods": "10"}}
-        await admin.update(f"/api/v1/nodes/{extra}/status", cur)
+        await update_retrying(admin, f"/api/v1/nodes/{extra}/status", lambda cur: cur.__setitem__("status", {
+            "conditions": [{"type": "Ready", "status": "True"}],
+            "allocatable": {"cpu": "1", "memory": "1Gi", "pods": "10"}}))
         assert await wait_for(lambda: bound_to("picky")) == extra
     finally:
         await sched.close()
