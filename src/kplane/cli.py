@@ -32,6 +32,20 @@ def _server_args(p: argparse.ArgumentParser) -> None:
                    help="CIDR the ClusterIPs of Services are allocated from (the first is the kubernetes Service)")
     p.add_argument("--cluster-cidr", default="10.244.0.0/16", help="CIDR the nodes' podCIDRs are carved from")
     p.add_argument("--node-cidr-mask-size", type=int, default=24, help="prefix length of each node's podCIDR")
+    p.add_argument("--egress", choices=["direct", "ssh", "konnectivity"], default=None,
+                   help="how the apiserver reaches nodes, pods and services (default direct); writes an upstream "
+                        "EgressSelectorConfiguration to DATA/egress-selector-configuration.yaml")
+    p.add_argument("--egress-selector-config-file", type=Path, default=None,
+                   help="an upstream EgressSelectorConfiguration file (instead of --egress)")
+    p.add_argument("--ssh-user", default=None, help="--egress ssh: the user the apiserver logs in as on nodes")
+    p.add_argument("--ssh-keyfile", type=Path, default=None, help="--egress ssh: the apiserver's private key")
+    p.add_argument("--ssh-known-hosts", type=Path, default=None,
+                   help="--egress ssh: the nodes' host keys (default DATA/ssh/known_hosts; required)")
+    p.add_argument("--ssh-port", type=int, default=22, help="--egress ssh: the nodes' sshd port")
+    p.add_argument("--konnectivity-agent-port", type=int, default=8132,
+                   help="--egress konnectivity: where node agents dial in (mTLS with their node certificates)")
+    p.add_argument("--konnectivity-health-port", type=int, default=8134,
+                   help="--egress konnectivity: the server's health and metrics port on 127.0.0.1")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -99,9 +113,10 @@ def _run(coro_fn: object) -> int:
     try:
         return asyncio.run(run())
     except Exception as exc:  # a clear one-line reason, not a traceback, for refusals
+        from kplane.apiserver.egress import EgressConfigError
         from kplane.kubelet.tlsbootstrap import BootstrapError
 
-        if isinstance(exc, BootstrapError):
+        if isinstance(exc, BootstrapError | EgressConfigError):
             print(f"kplane: {exc}", file=sys.stderr)
             return 1
         raise
@@ -132,7 +147,11 @@ def _up(args: argparse.Namespace, *, node: bool) -> Callable[[asyncio.Event], Aw
                      anonymous=args.anonymous_auth == "true", token_file=args.token_auth_file,
                      kubelet_ca=args.kubelet_certificate_authority, kubelet_insecure_tls=args.kubelet_insecure_tls,
                      service_cidr=args.service_cluster_ip_range, cluster_cidr=args.cluster_cidr,
-                     node_cidr_mask_size=args.node_cidr_mask_size)
+                     node_cidr_mask_size=args.node_cidr_mask_size, egress=args.egress,
+                     egress_config_file=args.egress_selector_config_file, ssh_user=args.ssh_user,
+                     ssh_keyfile=args.ssh_keyfile, ssh_known_hosts=args.ssh_known_hosts, ssh_port=args.ssh_port,
+                     konnectivity_agent_port=args.konnectivity_agent_port,
+                     konnectivity_health_port=args.konnectivity_health_port)
         node_opts = None
         if node:
             node_opts = {"name": args.node_name or default_node_name(), "node_ip": args.node_ip or default_ipv4(),

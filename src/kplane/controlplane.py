@@ -28,6 +28,7 @@ from kplane.controllers.endpoints import EndpointsController
 from kplane.controllers.nodeipam import CIDRSet, NodeIPAM
 from kplane.controllers.nodelifecycle import NodeLifecycle
 from kplane.controllers.scheduler import Scheduler
+from kplane.errors import StatusError
 from kplane.storage.base import KeyExists, KeyNotFound, Store
 from kplane.storage.sqlite import SQLiteStore
 
@@ -50,6 +51,14 @@ class Config:
     service_cidr: str = "10.96.0.0/12"  # Services' ClusterIPs; the first address is the kubernetes Service
     cluster_cidr: str = "10.244.0.0/16"  # node IPAM carves each node's podCIDR from it
     node_cidr_mask_size: int = 24
+    egress: str | None = None  # --egress direct|ssh|konnectivity (None: direct, or the config file's)
+    egress_config_file: Path | None = None
+    ssh_user: str | None = None
+    ssh_keyfile: Path | None = None
+    ssh_known_hosts: Path | None = None
+    ssh_port: int = 22
+    konnectivity_agent_port: int = 8132
+    konnectivity_health_port: int | None = 8134
 
     @property
     def pki_dir(self) -> Path:
@@ -120,18 +129,25 @@ async def bootstrap(store: Store) -> None:
             await store.update(key, cur)
 
 
+KONNECTIVITY_INFO = "kplane-konnectivity"  # kube-public ConfigMap: where nodes' konnectivity agents dial
+
+
 def _cluster_info_rbac() -> list[dict[str, Any]]:
-    """Discovery for joining nodes: anonymous may get exactly kube-public/cluster-info (as kubeadm sets up)."""
-    name = "kplane:bootstrap-signer-clusterinfo"
-    meta_ = {"name": name, "namespace": "kube-public"}
-    return [
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": dict(meta_),
-         "rules": [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["cluster-info"],
-                    "verbs": ["get"]}]},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": dict(meta_),
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "system:anonymous"}]},
-    ]
+    """Discovery for joining nodes: anonymous may get exactly kube-public/cluster-info (as kubeadm sets up); nodes
+    may get kube-public/kplane-konnectivity (the konnectivity servers to dial out to, when the cluster uses it)."""
+    out: list[dict[str, Any]] = []
+    for name, cm, subject in (
+            ("kplane:bootstrap-signer-clusterinfo", "cluster-info", {"kind": "User", "name": "system:anonymous"}),
+            ("kplane:konnectivity-info", KONNECTIVITY_INFO, {"kind": "Group", "name": "system:nodes"})):
+        meta_ = {"name": name, "namespace": "kube-public"}
+        out += [
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": dict(meta_),
+             "rules": [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [cm], "verbs": ["get"]}]},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": dict(meta_),
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", **subject}]},
+        ]
+    return out
 
 
 class ControlPlane:
@@ -144,6 +160,10 @@ class ControlPlane:
         self.client: APIClient | None = None
         self.scheduler_client: APIClient | None = None
         self.kubernetes_service: Any = None
+        self.egress_mode = "direct"
+        self.konnectivity: Any = None  # KonnectivityServer with --egress konnectivity
+        self.ssh_tunneler: Any = None  # SSHTunneler with --egress ssh
+        self._egress_tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -167,6 +187,7 @@ class ControlPlane:
             client_cert=cfg.pki_dir / "apiserver-kubelet-client.crt",
             client_key=cfg.pki_dir / "apiserver-kubelet-client.key",
             ca_file=None if cfg.kubelet_insecure_tls else (cfg.kubelet_ca or cfg.pki_dir / "ca.crt"))
+        await self._start_egress()
         from kplane.apiserver.services import KubernetesServiceReconciler, ServiceIPAM
 
         self.server.ipam = ServiceIPAM(self.store, cfg.service_cidr)
@@ -186,6 +207,7 @@ class ControlPlane:
                                           key_file=cfg.pki_dir / "scheduler.key")
         self.kubernetes_service = KubernetesServiceReconciler(self.server, cfg.advertise_address, cfg.port)
         self.kubernetes_service.start()
+        await self._publish_konnectivity()
         ca = pki.load_pair(cfg.pki_dir / "ca.crt", cfg.pki_dir / "ca.key")
         self.controllers = [
             NamespaceControllers(self.client, ca_pem),
@@ -201,7 +223,113 @@ class ControlPlane:
         for c in self.controllers:
             c.start()
 
+    async def _start_egress(self) -> None:
+        """How the apiserver reaches nodes, pods and services: directly, through SSH tunnels, or through the
+        konnectivity server this control plane runs (agents on the nodes dial out to it)."""
+        from kplane.apiserver.egress import KONNECTIVITY_UDS, EgressOptions, prepare_egress
+
+        cfg = self.cfg
+        assert self.server is not None
+        uds = cfg.data_dir / KONNECTIVITY_UDS if cfg.egress == "konnectivity" else None
+        plan = prepare_egress(EgressOptions(mode=cfg.egress, config_file=cfg.egress_config_file, konnectivity_uds=uds,
+                                            ssh_user=cfg.ssh_user, ssh_keyfile=cfg.ssh_keyfile,
+                                            ssh_known_hosts=cfg.ssh_known_hosts, ssh_port=cfg.ssh_port),
+                              cfg.data_dir)
+        self.egress_mode = plan.mode
+        tunneler = None
+        if plan.mode == "konnectivity" and uds is not None:
+            await self._start_konnectivity(uds)
+        elif plan.ssh is not None:
+            from kplane.tunnel.ssh import SSHTunneler
+
+            tunneler = SSHTunneler(user=plan.ssh.user, key_file=plan.ssh.keyfile, known_hosts=plan.ssh.known_hosts,
+                                   port=plan.ssh.port)
+            await tunneler.start()
+            self.ssh_tunneler = tunneler
+            self._egress_tasks.append(asyncio.create_task(self._feed_ssh_nodes(tunneler)))
+        dialer = plan.dialer("cluster", ssh_tunneler=tunneler)
+        if plan.mode != "direct":
+            self.server.kubelets.dialer = dialer
+            self.server.dialer = dialer
+            log.info("egress: the apiserver reaches nodes, pods and services via %s (%s)", plan.mode,
+                     plan.config_path)
+
+    async def _start_konnectivity(self, uds: Path) -> None:
+        from kplane.tunnel.auth import NodeAgentAuthorizer
+        from kplane.tunnel.server import KonnectivityServer
+
+        cfg = self.cfg
+        crt, key = cfg.pki_dir / "konnectivity-server.crt", cfg.pki_dir / "konnectivity-server.key"
+        api = pki.load_pair(cfg.pki_dir / "apiserver.crt", cfg.pki_dir / "apiserver.key")
+        dns, ips = pki._cert_sans(api.cert)
+        if not crt.exists() or pki._cert_sans(pki.load_pair(crt, key).cert) != (dns, ips):
+            ca = pki.load_pair(cfg.pki_dir / "ca.crt", cfg.pki_dir / "ca.key")
+            pki.save_pair(pki.issue(ca, common_name="konnectivity-server", server=True, dns_names=sorted(dns),
+                                    ips=sorted(ips)), crt, key)
+        store = self.store
+        assert store is not None
+
+        async def node_addresses(node: str) -> list[str]:
+            # what a node's agent may declare: the node's own addresses and its podCIDRs
+            try:
+                obj = await store.get(f"/registry/core/nodes/{node}")
+            except KeyNotFound:
+                return []
+            out = [str(a.get("address")) for a in (obj.get("status") or {}).get("addresses") or []
+                   if a.get("address")]
+            out += [str(c) for c in (obj.get("spec") or {}).get("podCIDRs") or []]
+            return out
+
+        self.konnectivity = KonnectivityServer(
+            agent_port=cfg.konnectivity_agent_port, uds_path=uds, ca_file=cfg.pki_dir / "ca.crt", cert_file=crt,
+            key_file=key, host=cfg.bind_address, mode="http-connect", health_port=cfg.konnectivity_health_port,
+            authorizer=NodeAgentAuthorizer(node_addresses=node_addresses))
+        await self.konnectivity.start()
+        log.info("konnectivity server: agents on %s:%d (mTLS, node certificates), apiserver side %s",
+                 cfg.bind_address, self.konnectivity.agent_port, uds)
+
+    async def _publish_konnectivity(self) -> None:
+        """Tell nodes where to dial out to (kube-public/kplane-konnectivity, readable by system:nodes)."""
+        assert self.client is not None
+        port = self.konnectivity.agent_port if self.konnectivity is not None else 0
+        body = {"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": KONNECTIVITY_INFO, "namespace": "kube-public"},
+                "data": {"servers": f"{self.cfg.advertise_address}:{port}" if port else "", "serverCount": "1"}}
+        path = f"/api/v1/namespaces/kube-public/configmaps/{KONNECTIVITY_INFO}"
+        try:
+            cur = await self.client.get(path)
+            if cur.get("data") != body["data"]:
+                await self.client.update(path, {**cur, "data": body["data"]})
+        except StatusError as err:
+            if err.code != 404:
+                raise
+            if port:
+                await self.client.create("/api/v1/namespaces/kube-public/configmaps", body)
+
+    async def _feed_ssh_nodes(self, tunneler: Any) -> None:
+        from kplane.client import informer
+        from kplane.tunnel.ssh import nodes_from_api
+
+        assert self.client is not None
+        nodes: dict[str, dict[str, Any]] = {}
+        stop = asyncio.Event()
+        async for ev, node in informer(self.client, "/api/v1/nodes", stop):
+            name = str((node.get("metadata") or {}).get("name", ""))
+            if ev == "DELETED":
+                nodes.pop(name, None)
+            else:
+                nodes[name] = node
+            tunneler.set_nodes(nodes_from_api(list(nodes.values())))
+
     async def stop(self) -> None:
+        for t in self._egress_tasks:
+            t.cancel()
+        if self.konnectivity is not None:
+            with contextlib.suppress(Exception):
+                await self.konnectivity.stop()
+        if self.ssh_tunneler is not None:
+            with contextlib.suppress(Exception):
+                await self.ssh_tunneler.close()
         if self.kubernetes_service is not None:
             await self.kubernetes_service.stop()
         for c in reversed(self.controllers):

@@ -69,6 +69,7 @@ class NodeAgent:
         self.net: Any = None  # PodNetwork
         self.node_uid = ""
         self.server: Any = None  # KubeletServer, started once the serving certificate is issued
+        self.konnectivity: Any = None  # KonnectivityAgent when the cluster offers a konnectivity server
         self.kube_proxy: Any = None  # Proxier, when this node programs Service VIPs (root and nft/iptables)
 
     # --- credentials --------------------------------------------------------------------------------------
@@ -146,6 +147,7 @@ class NodeAgent:
             asyncio.create_task(self._rotate_client()),
             asyncio.create_task(self._serving_cert()),
         ]
+        await self._start_konnectivity()
 
     async def stop(self) -> None:
         """Stop the agent; containers keep running (a restarted agent adopts them)."""
@@ -155,6 +157,9 @@ class NodeAgent:
         for t in self.tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        if self.konnectivity is not None:
+            with contextlib.suppress(Exception):
+                await self.konnectivity.stop()
         if self.kube_proxy is not None:
             await self.kube_proxy.stop()  # its Service VIPs go with it
         if self.server is not None:
@@ -165,6 +170,37 @@ class NodeAgent:
             await self.net.stop()  # the pods' network stays with them
         if self.client is not None:
             await self.client.close()
+
+    async def _start_konnectivity(self) -> None:
+        """When the cluster runs a konnectivity server (kube-public/kplane-konnectivity names it), dial out to it
+        and keep the connection: the control plane reaches this node's kubelet, pods and ports through it, so a
+        node behind NAT still gets logs, exec and port-forward. Identity: the node's client certificate; declared
+        addresses: the node's own and its podCIDRs (the server checks them against the Node object)."""
+        from kplane.tunnel.agent import KonnectivityAgent
+
+        assert self.client is not None
+        try:
+            cm = await self.client.get("/api/v1/namespaces/kube-public/configmaps/kplane-konnectivity")
+        except StatusError as err:
+            if err.code not in (403, 404):
+                log.warning("node %s: cannot read the konnectivity settings: %s", self.cfg.name, err.message)
+            return
+        servers = [s.strip() for s in str((cm.get("data") or {}).get("servers", "")).split(",") if s.strip()]
+        if not servers:
+            return
+        cidrs: list[str] = []
+        for _ in range(50):  # the podCIDR arrives from node IPAM shortly after registration
+            node = await self.client.get(f"/api/v1/nodes/{self.cfg.name}")
+            cidrs = [str(c) for c in (node.get("spec") or {}).get("podCIDRs") or []]
+            if cidrs or self.cfg.pod_network == "host":
+                break
+            await asyncio.sleep(0.1)
+        ids = "&".join([f"ipv4={self.cfg.node_ip}", *(f"cidr={c}" for c in cidrs)])
+        self.konnectivity = KonnectivityAgent(servers, ca_file=self.ca_path, cert_file=self.client_pem,
+                                              key_file=self.client_pem, agent_id=self.cfg.name, identifiers=ids)
+        await self.konnectivity.start()
+        log.info("node %s: konnectivity agent dialling out to %s (serving %s)", self.cfg.name, ", ".join(servers),
+                 ids)
 
     # --- node object, status, lease ----------------------------------------------------------------------
 
