@@ -42,6 +42,8 @@ from kplane.storage.base import Compacted, KeyExists, KeyNotFound, RVConflict, S
 log = logging.getLogger(__name__)
 
 MAX_BODY = 3 * 1024 * 1024
+WATCH_BATCH = 256  # initial watch events written at once
+WATCH_LINES_KEPT = 1024  # encoded watch events kept for the other watchers of the same revision
 JSON_CT = "application/json"
 APPLY_CT = "application/apply-patch+yaml"
 PATCH_TYPES = {
@@ -118,6 +120,7 @@ class APIServer:
         self.reviews = Reviews(self)
         self.started = time.monotonic()
         self._watchers: set[asyncio.Task[Any]] = set()
+        self._watch_lines: dict[int, bytes] = {}  # resourceVersion -> encoded JSON watch event (see watch())
         self.shutting_down = asyncio.Event()
 
     # --- application --------------------------------------------------------------------------------------
@@ -931,14 +934,26 @@ class APIServer:
         resp.enable_chunked_encoding()
         await resp.prepare(req)
         first_table = [True]
+        shared = self._watch_lines if not table else None
 
-        async def send(ev_type: str, obj: Obj) -> None:
+        def encode(ev_type: str, obj: Obj, rv: int = 0) -> bytes:
+            if shared is not None and rv:
+                # every watcher of this revision sends the same line: encode it once
+                line = shared.get(rv)
+                if line is None:
+                    line = shared[rv] = dumps({"type": ev_type, "object": obj}) + b"\n"
+                    if len(shared) > WATCH_LINES_KEPT:
+                        del shared[next(iter(shared))]
+                return line
             out = obj
             if table and ev_type in ("ADDED", "MODIFIED", "DELETED"):
                 out = self.table(res, [obj], obj["metadata"].get("resourceVersion", ""), query,
                                  columns=first_table[0])
                 first_table[0] = False
-            await resp.write(dumps({"type": ev_type, "object": out}) + b"\n")
+            return dumps({"type": ev_type, "object": out}) + b"\n"
+
+        async def send(ev_type: str, obj: Obj) -> None:
+            await resp.write(encode(ev_type, obj))
 
         def bookmark(rv: int, *, initial_end: bool = False) -> Obj:
             md: Obj = {"resourceVersion": str(rv)}
@@ -946,51 +961,45 @@ class APIServer:
                 md["annotations"] = {"k8s.io/initial-events-end": "true"}
             return {"kind": res.kind, "apiVersion": res.api_version, "metadata": md}
 
-        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=10000)
+        last_rv = [from_rv]
 
         async def pump() -> None:
+            """Writes the store's events itself: one task wakes up per event and watcher, with no queue between
+            the store and the connection (the handler only keeps time for bookmarks and the timeout)."""
             try:
                 async for ev in self.store.watch(res.prefix(ns), from_rv):
-                    await queue.put(ev)
-            except Compacted as exc:
-                await queue.put(exc)
-            except Exception as exc:
-                await queue.put(exc)
+                    if pred is None or pred(ev.obj):
+                        await resp.write(encode(ev.type, ev.obj, ev.rv))
+                    last_rv[0] = ev.rv
+            except Compacted:
+                err = StatusError(410, f"too old resource version: {from_rv}", reason="Expired")
+                await resp.write(dumps({"type": "ERROR", "object": err.status()}) + b"\n")
 
-        pump_task = asyncio.create_task(pump())
-        self._watchers.add(pump_task)
         deadline = time.monotonic() + max(timeout, 0)
-        last_rv = from_rv
+        pump_task: asyncio.Task[None] | None = None
         try:
-            for o in initial:
-                await send("ADDED", o)
+            for i in range(0, len(initial), WATCH_BATCH):
+                await resp.write(b"".join(encode("ADDED", o) for o in initial[i:i + WATCH_BATCH]))
             if send_initial:
                 await send("BOOKMARK", bookmark(from_rv, initial_end=True))
+            pump_task = asyncio.create_task(pump())
+            self._watchers.add(pump_task)
             while not self.shutting_down.is_set():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                try:
-                    item = await asyncio.wait_for(queue.get(), timeout=min(remaining, 30.0))
-                except TimeoutError:
-                    if bookmarks:
-                        await send("BOOKMARK", bookmark(last_rv))
-                    continue
-                if isinstance(item, Compacted):
-                    err = StatusError(410, f"too old resource version: {from_rv}", reason="Expired")
-                    await resp.write(dumps({"type": "ERROR", "object": err.status()}) + b"\n")
+                done, _ = await asyncio.wait({pump_task}, timeout=min(remaining, 30.0))
+                if done:
+                    pump_task.result()  # re-raises what ended the watch, if anything did
                     break
-                if isinstance(item, Exception):
-                    raise item
-                last_rv = item.rv
-                if pred is not None and not pred(item.obj):
-                    continue
-                await send(item.type, item.obj)
+                if bookmarks:
+                    await send("BOOKMARK", bookmark(last_rv[0]))
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
-            pump_task.cancel()
-            self._watchers.discard(pump_task)
+            if pump_task is not None:
+                pump_task.cancel()
+                self._watchers.discard(pump_task)
         with contextlib.suppress(ConnectionResetError, RuntimeError):
             await resp.write_eof()
         return resp
