@@ -208,6 +208,8 @@ class ControlPlane:
         self.kubernetes_service = KubernetesServiceReconciler(self.server, cfg.advertise_address, cfg.port)
         self.kubernetes_service.start()
         await self._publish_konnectivity()
+        if self.ssh_tunneler is not None:
+            self._egress_tasks.append(asyncio.create_task(self._feed_ssh_nodes(self.ssh_tunneler)))
         ca = pki.load_pair(cfg.pki_dir / "ca.crt", cfg.pki_dir / "ca.key")
         self.controllers = [
             NamespaceControllers(self.client, ca_pem),
@@ -245,8 +247,7 @@ class ControlPlane:
             tunneler = SSHTunneler(user=plan.ssh.user, key_file=plan.ssh.keyfile, known_hosts=plan.ssh.known_hosts,
                                    port=plan.ssh.port)
             await tunneler.start()
-            self.ssh_tunneler = tunneler
-            self._egress_tasks.append(asyncio.create_task(self._feed_ssh_nodes(tunneler)))
+            self.ssh_tunneler = tunneler  # fed with the Node list once the controllers' client exists
         dialer = plan.dialer("cluster", ssh_tunneler=tunneler)
         if plan.mode != "direct":
             self.server.kubelets.dialer = dialer
