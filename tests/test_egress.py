@@ -260,8 +260,7 @@ def test_dialer_for() -> None:
     with pytest.raises(EgressConfigError, match="unknown egress selection 'nodes'"):
         dialer_for(cfg, "nodes")
     grpc = parse_egress_config(KONNECTIVITY_DOC_GRPC)
-    with pytest.raises(EgressConfigError, match="GRPC is not supported by kplane's apiserver side, use HTTPConnect"):
-        dialer_for(grpc, "cluster")
+    assert isinstance(dialer_for(grpc, "cluster"), egress.GRPCDialer)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -336,8 +335,7 @@ def test_prepare_conflicts(tmp_path: Path) -> None:
     assert not (tmp_path / egress.CONFIG_FILENAME).exists()  # a given file is used as is
     g = tmp_path / "grpc.yaml"
     g.write_bytes(KONNECTIVITY_DOC_GRPC)
-    with pytest.raises(EgressConfigError, match="GRPC is not supported"):
-        prepare_egress(EgressOptions(config_file=g), tmp_path)
+    assert isinstance(prepare_egress(EgressOptions(config_file=g), tmp_path).dialer(), egress.GRPCDialer)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -679,3 +677,77 @@ async def test_http_connect_tcp_refused_over_tls(tls_files: dict[str, Path]) -> 
             await asyncio.wait_for(d.dial("10.1.2.3", 10250), 10)
     finally:
         await proxy.stop()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# proxyProtocol GRPC: the apiserver side of a konnectivity server in gRPC mode
+
+
+async def test_grpc_dialer_through_a_real_konnectivity_server(tmp_path: Path, sockdir: Path) -> None:
+    from kplane.tunnel.agent import KonnectivityAgent
+    from kplane.tunnel.auth import NodeAgentAuthorizer
+    from kplane.tunnel.server import KonnectivityServer
+
+    ca = pki.new_ca("egress-test-ca")
+    (tmp_path / "ca.crt").write_bytes(ca.cert_pem())
+    srv = pki.issue(ca, common_name="konnectivity-server", server=True, ips=["127.0.0.1"])
+    pki.save_pair(srv, tmp_path / "srv.crt", tmp_path / "srv.key")
+    node = pki.issue(ca, common_name="system:node:n1", organizations=["system:nodes"], client=True)
+    pki.save_pair(node, tmp_path / "n1.crt", tmp_path / "n1.key")
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    target = await asyncio.start_server(echo, "127.0.0.1", 0)
+    tport = target.sockets[0].getsockname()[1]
+    uds = sockdir / "k.sock"
+
+    async def owned(_: str) -> list[str]:
+        return ["127.0.0.1"]
+
+    server = KonnectivityServer(agent_port=0, uds_path=uds, ca_file=tmp_path / "ca.crt", cert_file=tmp_path / "srv.crt",
+                                key_file=tmp_path / "srv.key", host="127.0.0.1", mode="grpc", health_port=None,
+                                authorizer=NodeAgentAuthorizer(node_addresses=owned))
+    await server.start()
+    agent = KonnectivityAgent([f"127.0.0.1:{server.agent_port}"], ca_file=tmp_path / "ca.crt",
+                              cert_file=tmp_path / "n1.crt", key_file=tmp_path / "n1.key", agent_id="n1",
+                              identifiers="ipv4=127.0.0.1")
+    await agent.start()
+    try:
+        cfg = parse_egress_config(
+            b"apiVersion: apiserver.k8s.io/v1beta1\nkind: EgressSelectorConfiguration\negressSelections:\n"
+            b"- name: cluster\n  connection:\n    proxyProtocol: GRPC\n    transport:\n      uds:\n"
+            b"        udsName: " + str(uds).encode() + b"\n")
+        d = dialer_for(cfg, "cluster")
+        assert isinstance(d, egress.GRPCDialer)
+        deadline = asyncio.get_running_loop().time() + 15
+        while True:  # until the agent has registered
+            try:
+                sock = await d.dial("127.0.0.1", tport)
+                break
+            except StatusError:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        payload = bytes(range(256)) * 4096
+        writer.write(payload)
+        await writer.drain()
+        got = await reader.readexactly(len(payload))
+        assert got == payload
+        writer.close()
+        # an address the agent does not serve: a clear error, no hang
+        with pytest.raises(StatusError) as err:
+            await d.dial("10.255.255.1", 80)
+        assert err.value.code in (502, 503) and "GRPC over uds" in err.value.message
+    finally:
+        await agent.stop()
+        await server.stop()
+        target.close()
+    # the server gone: 503 naming the socket
+    with pytest.raises(StatusError) as err:
+        await egress.GRPCDialer(sockdir / "missing.sock").dial("127.0.0.1", 1)
+    assert err.value.code == 503

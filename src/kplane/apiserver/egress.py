@@ -453,6 +453,33 @@ async def _read_head(sock: socket.socket, limit: int) -> bytes:
         buf += sock.recv(len(peeked))
 
 
+class GRPCDialer:
+    """Konnectivity's gRPC mode on a Unix socket: one ``/ProxyService/Proxy`` stream per connection."""
+
+    def __init__(self, uds_path: str | os.PathLike[str], *, name: str = "cluster",
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.uds_path = Path(uds_path)
+        self.name = name
+        self.timeout_s = timeout_s
+
+    def _what(self, target: str) -> str:
+        return f"egress {self.name!r} (GRPC over uds {self.uds_path}) dialing {target}"
+
+    async def dial(self, host: str, port: int) -> socket.socket:
+        from kplane.tunnel.client import TunnelDialError, dial_grpc
+
+        target = check_target(host, port)
+        if not self.uds_path.exists():
+            raise _unavailable(f"{self._what(target)}: the konnectivity server's socket does not exist")
+        try:
+            return await dial_grpc(self.uds_path, host, port, dial_timeout=self.timeout_s)
+        except TunnelDialError as exc:
+            make = _unavailable if exc.status == 503 else _bad_gateway
+            raise make(f"{self._what(target)}: {exc.message}") from None
+        except OSError as exc:
+            raise _unavailable(f"{self._what(target)}: {_reason(exc)}") from None
+
+
 class HTTPConnectDialer:
     """konnectivity's HTTP-CONNECT mode: ``CONNECT host:port`` to the proxy, ``200`` means connected.
 
@@ -611,11 +638,10 @@ def dialer_for(config: EgressSelectorConfiguration | None, selection: str = "clu
     if conn.proxy_protocol == "Direct":
         return DirectDialer(name=name, timeout_s=timeout_s)
     if conn.proxy_protocol == "GRPC":
-        # TODO: kplane.tunnel.client.dial_grpc (single-use /ProxyService/Proxy streams) now exists; a GRPCDialer
-        # over it would lift this refusal.
-        raise EgressConfigError(
-            f"egress {name!r}: proxyProtocol GRPC is not supported by kplane's apiserver side, use HTTPConnect "
-            f"(the konnectivity server serves both on its uds socket)")
+        if conn.uds is None:
+            raise EgressConfigError(f"egress {name!r}: proxyProtocol GRPC needs transport.uds in kplane (a konnectivity "
+                                    f"server's socket); use HTTPConnect for a TCP proxy")
+        return GRPCDialer(conn.uds, name=name, timeout_s=timeout_s)
     if conn.uds is not None:
         return HTTPConnectDialer(conn.uds, name=name, timeout_s=timeout_s)
     assert conn.tcp is not None
