@@ -99,7 +99,9 @@ def refused(ip: str, port: int) -> bool:
 
 
 def node_facts(cluster: Cluster) -> tuple[str, str, str]:
-    node = json.loads(cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"][0]
+    """The name, InternalIP and proxy table of the cluster's own node (other tests register fake Nodes too)."""
+    name = next(cluster.data_dir.glob("node/*/pki")).parent.name
+    node = json.loads(cluster.kubectl("get", "node", name, "-o", "json").stdout)
     ip = next(a["address"] for a in node["status"]["addresses"] if a["type"] == "InternalIP")
     ca = x509.load_pem_x509_certificate((cluster.pki / "ca.crt").read_bytes())
     return node["metadata"]["name"], ip, table_name(node["metadata"]["name"], pki.ca_cert_hash(ca))
