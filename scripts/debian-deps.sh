@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the Debian packages the tests use (network namespaces, nftables, sshd, etcd) when running as root and
+# Install the Debian packages the tests use (network namespaces, nftables, iptables for the fallback, sshd, etcd) when running as root and
 # they are missing. A non-root developer gets a message; the tests that need them are skipped with a reason.
 set -euo pipefail
 need=()
@@ -7,6 +7,7 @@ command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v nft >/dev/null 2>&1 || need+=(nftables)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+command -v iptables-restore >/dev/null 2>&1 || need+=(iptables)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then
   echo "debian-deps: not root; missing ${need[*]} (tests that need them will be skipped)" >&2

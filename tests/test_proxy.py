@@ -16,7 +16,7 @@ import requests
 
 from kplane import pki
 from tests.cluster import KUBECTL, Cluster, free_port
-from tests.test_node import phase, wait
+from tests.test_node import node_name, phase, wait
 
 BACKEND = Path(__file__).with_name("proxy_backend.py")
 
@@ -158,7 +158,7 @@ def test_service_keeps_working_when_its_endpoint_changes(cluster: Cluster, ns: s
 
 
 def test_node_proxy_to_kubelet_and_to_a_node_port(cluster: Cluster) -> None:
-    node = json.loads(cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"][0]["metadata"]["name"]
+    node = node_name(cluster)  # the cluster's own node (other tests add fake ones)
     assert raw(cluster, f"/api/v1/nodes/{node}/proxy/healthz").stdout == "ok"
     pods = json.loads(raw(cluster, f"/api/v1/nodes/{node}/proxy/pods").stdout)
     assert pods["kind"] == "PodList"

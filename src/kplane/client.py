@@ -100,21 +100,40 @@ def path_for(group: str, version: str, plural: str, namespace: str | None = None
     return base
 
 
+def _key(obj: Obj) -> str:
+    md = obj.get("metadata") or {}
+    return f"{md.get('namespace', '')}/{md.get('name', '')}"
+
+
 async def informer(client: APIClient, path: str, stop: asyncio.Event) -> AsyncIterator[tuple[str, Obj]]:
-    """LIST then WATCH forever, re-listing on 410: yields ("ADDED"|"MODIFIED"|"DELETED"|"SYNC", obj)."""
+    """LIST then WATCH forever, re-listing on 410 or a broken watch: yields ("ADDED"|"MODIFIED"|"DELETED"|"SYNC",
+    obj). A re-list yields every listed object as "SYNC" and then "DELETED" (with the last state seen) for each
+    object that disappeared while no watch was open, so a consumer's cache never keeps a deleted object."""
+    known: dict[str, Obj] = {}
     while not stop.is_set():
         try:
             lst = await client.get(path)
             rv = lst.get("metadata", {}).get("resourceVersion", "0")
+            listed: dict[str, Obj] = {}
             for item in lst.get("items") or []:
+                listed[_key(item)] = item
                 yield "SYNC", item
+            for gone in known.keys() - listed.keys():
+                yield "DELETED", known[gone]
+            known = listed
             while not stop.is_set():
                 async for ev in client.watch(path, resource_version=rv):
                     if ev.get("type") == "ERROR":
                         raise StatusError(int(ev.get("object", {}).get("code", 500)), "watch error")
                     obj = ev.get("object") or {}
                     rv = obj.get("metadata", {}).get("resourceVersion", rv)
-                    if ev.get("type") != "BOOKMARK":
-                        yield str(ev.get("type")), obj
+                    kind = str(ev.get("type"))
+                    if kind == "BOOKMARK":
+                        continue
+                    if kind == "DELETED":
+                        known.pop(_key(obj), None)
+                    else:
+                        known[_key(obj)] = obj
+                    yield kind, obj
         except (TimeoutError, aiohttp.ClientError, StatusError, OSError):
             await asyncio.sleep(0.5)
