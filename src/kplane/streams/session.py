@@ -1057,35 +1057,40 @@ class _WsByteWriter:
             await asyncio.wait_for(asyncio.shield(self._task), 15)
 
 
+class _WsMessageReader:
+    """ByteReader over a WebSocket that carries a byte stream: ``read()`` returns the next non-empty binary
+    message whole, with no buffer in between (its only reader, :class:`SpdySession`, takes any length; what
+    is not read yet waits in aiohttp's message queue, which pauses the socket when it fills)."""
+
+    def __init__(self, ws: web.WebSocketResponse) -> None:
+        self._ws = ws
+        self._eof = False
+
+    async def read(self, n: int = -1) -> bytes:
+        while not self._eof:
+            try:
+                msg = await self._ws.receive()
+            except (ConnectionError, RuntimeError) as e:
+                self._eof = True
+                raise ConnectionError(str(e)) from e
+            if msg.type == WSMsgType.BINARY:
+                if msg.data:
+                    return bytes(msg.data)
+            elif msg.type == WSMsgType.TEXT:
+                self._eof = True
+                raise ConnectionError("invalid message type received")
+            else:
+                self._eof = True
+        return b""
+
+
 def tunnel_spdy_over_websocket(ws: web.WebSocketResponse, *, limit: int = DEFAULT_STREAM_LIMIT,
-                               ) -> tuple[asyncio.StreamReader, ByteWriter]:
+                               ) -> tuple[ByteReader, ByteWriter]:
     """Byte streams over a prepared ``SPDY/3.1+portforward.k8s.io`` WebSocket.
 
     Binary messages are concatenated (empty ones skipped; message boundaries mean
     nothing); a text message is a protocol error; close = EOF.  Writes go out as binary
-    messages; ``close()`` flushes and closes with 1000.
+    messages; ``close()`` flushes and closes with 1000. (``limit`` is unused: inbound
+    messages are read one at a time, straight from aiohttp's queue.)
     """
-    reader, gate = _bounded_reader(limit)
-
-    async def pump() -> None:
-        try:
-            while True:
-                msg = await ws.receive()
-                if msg.type == WSMsgType.BINARY:
-                    if msg.data:
-                        reader.feed_data(msg.data)
-                        await gate.wait(None)
-                elif msg.type == WSMsgType.TEXT:
-                    reader.set_exception(ConnectionError("invalid message type received"))
-                    return
-                else:
-                    break
-        except (ConnectionError, RuntimeError) as e:
-            reader.set_exception(ConnectionError(str(e)))
-            return
-        reader.feed_eof()
-
-    task = asyncio.create_task(pump())
-    writer = _WsByteWriter(ws)
-    writer._pump = task  # type: ignore[attr-defined]  # keep a reference
-    return reader, writer
+    return _WsMessageReader(ws), _WsByteWriter(ws)

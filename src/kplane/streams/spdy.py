@@ -315,30 +315,43 @@ class SpdyConnection:
     def receive_data(self, data: bytes) -> list[Event]:
         if self._broken:
             raise SpdyProtocolError("connection already failed")
-        self._inbuf += data
+        # Frames are cut straight out of ``data`` (one copy per payload); only an incomplete frame at the end
+        # waits in ``_inbuf`` for the next call.
+        buf: bytes | bytearray = data
+        if self._inbuf:
+            self._inbuf += data
+            buf = self._inbuf
         events: list[Event] = []
+        pos, end = 0, len(buf)
         try:
-            while len(self._inbuf) >= 8:
-                word, flags_len = _HDR.unpack_from(self._inbuf, 0)
-                length = flags_len & 0xFFFFFF
-                flags = flags_len >> 24
-                if len(self._inbuf) < 8 + length:
-                    break
-                payload = bytes(self._inbuf[8:8 + length])
-                del self._inbuf[:8 + length]
-                if word & 0x80000000:
-                    version = (word >> 16) & 0x7FFF
-                    if version != VERSION:
-                        raise SpdyProtocolError(f"unsupported SPDY version {version}")
-                    ev = self._control(word & 0xFFFF, flags, payload)
-                else:
-                    ev = self._data(word & 0x7FFFFFFF, flags, payload)
-                if ev is not None:
-                    events.append(ev)
+            with memoryview(buf) as view:
+                while end - pos >= 8:
+                    word, flags_len = _HDR.unpack_from(buf, pos)
+                    length = flags_len & 0xFFFFFF
+                    if end - pos < 8 + length:
+                        break
+                    payload = bytes(view[pos + 8:pos + 8 + length])
+                    pos += 8 + length
+                    ev = self._frame(word, flags_len >> 24, payload)
+                    if ev is not None:
+                        events.append(ev)
         except SpdyProtocolError:
             self._broken = True
             raise
+        finally:
+            if buf is self._inbuf:
+                del self._inbuf[:pos]
+            elif pos < end:
+                self._inbuf += data[pos:]
         return events
+
+    def _frame(self, word: int, flags: int, payload: bytes) -> Event | None:
+        if word & 0x80000000:
+            version = (word >> 16) & 0x7FFF
+            if version != VERSION:
+                raise SpdyProtocolError(f"unsupported SPDY version {version}")
+            return self._control(word & 0xFFFF, flags, payload)
+        return self._data(word & 0x7FFFFFFF, flags, payload)
 
     def _data(self, stream_id: int, flags: int, payload: bytes) -> Event | None:
         if stream_id == 0:
