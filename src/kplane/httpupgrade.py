@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from aiohttp import web
 
 READ_LIMIT = 1 << 20
+FORWARD_HIGH_WATER = 1 << 20
 UPGRADE_RESPONSE = "kplane.upgrade_response"
 
 
@@ -56,6 +57,58 @@ class RawWriter:
 
     async def wait_closed(self) -> None:
         return None
+
+
+class _Forward:
+    """The parser for :func:`hijack_into`: each chunk aiohttp hands over is written to ``dst`` at once."""
+
+    def __init__(self, src: asyncio.Transport, dst: asyncio.StreamWriter, done: asyncio.Future[None]) -> None:
+        self.src, self.dst, self.done = src, dst, done
+        self.paused = False
+        self._resume_task: asyncio.Task[None] | None = None
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        if data and not self.dst.is_closing():
+            self.dst.write(data)
+            if not self.paused and self.dst.transport.get_write_buffer_size() > FORWARD_HIGH_WATER:
+                self.paused = True
+                self.src.pause_reading()
+                self._resume_task = asyncio.get_running_loop().create_task(self._resume())
+        return False, b""
+
+    async def _resume(self) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.dst.drain()
+        self.paused = False
+        if not self.src.is_closing():
+            self.src.resume_reading()
+
+    def feed_eof(self) -> None:
+        with contextlib.suppress(OSError, RuntimeError):
+            if self.dst.can_write_eof():
+                self.dst.write_eof()
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+async def hijack_into(request: web.Request, headers: Mapping[str, str], dst: asyncio.StreamWriter, *,
+                      reason: str = "Switching Protocols") -> tuple[web.StreamResponse, asyncio.Future[None],
+                                                                   RawWriter]:
+    """Like :func:`hijack`, but the client's bytes go straight to ``dst`` as aiohttp hands them over: no reader,
+    no copy and no task wake-up per chunk. The client's socket is paused while ``dst`` holds more than
+    ``FORWARD_HIGH_WATER`` unsent bytes. Returns (response to return from the handler, a future done at the
+    client's EOF, which is passed on to ``dst`` when it can take one, and a writer back to the client)."""
+    resp = web.StreamResponse(status=101, reason=reason)
+    for k, v in headers.items():
+        resp.headers[k] = v
+    resp.force_close()
+    await resp.prepare(request)
+    if request.transport is None:
+        raise ConnectionResetError("the client is gone")
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    request.protocol.set_parser(_Forward(request.transport, dst, done))  # type: ignore[arg-type]
+    request[UPGRADE_RESPONSE] = resp
+    return resp, done, RawWriter(request)
 
 
 async def hijack(request: web.Request, headers: Mapping[str, str], *, reason: str = "Switching Protocols",

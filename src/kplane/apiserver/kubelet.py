@@ -22,7 +22,7 @@ import orjson
 from aiohttp import web
 
 from kplane.errors import StatusError
-from kplane.httpupgrade import hijack, pipe
+from kplane.httpupgrade import hijack_into, pipe
 
 log = logging.getLogger(__name__)
 
@@ -259,8 +259,7 @@ async def proxy_upgrade(connector: KubeletConnector, target: KubeletTarget, path
         raise _error_from(status, rh, body, "unable to upgrade connection")
     out = {k.title() if not k.startswith("x-") else "X-Stream-Protocol-Version": v for k, v in rh.items()
            if k in _RESPONSE_COPY}
-    resp, client_reader, client_writer = await hijack(req, out)
-    up = asyncio.create_task(pipe(client_reader, writer))
+    resp, up, client_writer = await hijack_into(req, out, writer)  # client -> kubelet: written as it arrives
     down = asyncio.create_task(pipe(reader, client_writer))
     try:
         done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
