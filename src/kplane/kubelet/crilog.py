@@ -11,7 +11,6 @@ readers do plain file I/O.  Rotated files are ``<log>.1`` (newest) ... ``<log>.N
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -377,6 +376,8 @@ async def follow(path: Path | str, *, tail: int | None = None, since: datetime |
     Survives rotation (reopens ``path`` when its inode changes).  Ends when ``stop()`` returns true
     and everything written so far has been yielded; otherwise runs until cancelled.
     """
+    import asyncio  # here, not at the top: every container's shim imports this module and never follows
+
     path = Path(path)
     stream_set = frozenset(streams)
     since = _norm_since(since)
