@@ -160,11 +160,11 @@ spec:
 """
 
 
-def memory_run(base: Path, pods: int, hold_s: float, net_index: int) -> Sampler:
+def memory_run(base: Path, pods: int, hold_s: float, net_index: int, pod_network: str) -> Sampler:
     data = base / "mem"
     s = Sampler(data)
     s.start()
-    c = Cluster(data, net_index=net_index)
+    c = Cluster(data, net_index=net_index, extra_args=["--pod-network", pod_network])
     try:
         c.start()
         assert c.proc is not None
@@ -186,6 +186,8 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=5, help="cold starts")
     ap.add_argument("--pods", type=int, default=10)
     ap.add_argument("--hold", type=float, default=5.0, help="seconds to keep sampling once the pods run")
+    ap.add_argument("--pod-network", choices=("auto", "host"), default="auto",
+                    help="for the memory run (auto: a network namespace per pod as root)")
     ap.add_argument("--json", help="write the figures here (for bench/report.py)")
     args = ap.parse_args()
     rep = Report("startup")
@@ -193,7 +195,7 @@ def main() -> None:
     net_index = claim_net_index()
     with tempfile.TemporaryDirectory(prefix="kplane-bench-") as d:
         runs = [cold_start(Path(d), i, net_index) for i in range(args.n)]
-        mem = memory_run(Path(d), args.pods, args.hold, net_index)
+        mem = memory_run(Path(d), args.pods, args.hold, net_index, args.pod_network)
     times = [r[1] for r in runs]
     rep.section(f"### kplane up -> first Ready node, {args.n} cold starts (new data dir each: new PKI, store, "
                 f"bootstrap)\n\n" + md_table(["run", "apiserver ready s", "node Ready s"],
@@ -215,7 +217,8 @@ def main() -> None:
     steady = sum(last.get(c, (0, 0, 0))[1] for c in counted) / 1024
     rows.append(["**counted total**", sum(by_rss.get(c, (0, 0, 0))[0] for c in counted), peak_rss,
                  sum(by_rss.get(c, (0, 0, 0))[2] for c in counted) / 1024, ""])
-    rep.section(f"### Memory of the all-in-one cluster: 1 node, {args.pods} running pods (sampled every 100 ms, "
+    rep.section(f"### Memory of the all-in-one cluster: 1 node, {args.pods} running pods, --pod-network "
+                f"{args.pod_network} (sampled every 100 ms, "
                 f"{len(mem.samples)} samples; breakdown at the RSS peak, t={t_rss:.1f} s)\n\n"
                 + md_table(["processes", "count", "RSS MiB", "PSS MiB", "counted"], rows)
                 + f"\n\nPeak PSS of kplane + shims: {peak_pss:.1f} MiB (t={t_pss:.1f} s). RSS at the last sample: "
