@@ -16,7 +16,7 @@ from aiohttp import web
 
 READ_LIMIT = 1 << 20
 FORWARD_HIGH_WATER = 1 << 20
-UPGRADE_RESPONSE = "kplane.upgrade_response"
+UPGRADE_RESPONSE: web.RequestKey[web.StreamResponse] = web.RequestKey("kplane.upgrade_response", web.StreamResponse)
 
 
 class _PassThrough:
