@@ -32,11 +32,9 @@ proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I src --python_out=src --pyi_out=src --grpc_python_out=src \
 		src/kplane/tunnel/konnectivity.proto
 
+# Every benchmark in bench/, one after the other; writes bench/RESULTS.md (bench/report.py --no-write: print only)
 bench: $(STAMP)
-	$(BIN)/python bench/startup_bench.py
-	$(BIN)/python bench/api_bench.py
-	$(BIN)/python bench/stream_bench.py
-	$(BIN)/python bench/service_bench.py
+	$(BIN)/python bench/report.py
 
 clean:
 	rm -rf $(VENV) .kplane build *.egg-info src/*.egg-info
