@@ -51,13 +51,15 @@ async def discover_ca(server: str, token: str, ca_hash: str, *, timeout_s: float
     once on a bad signature or a CA that does not match the pinned hash."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
+    delay = 0.05  # a new token is usually signed into cluster-info within a few tens of milliseconds
     while True:
         try:
             return await _discover_once(server, token, ca_hash)
         except _NotYet as exc:
             if loop.time() >= deadline:
                 raise BootstrapError(f"discovery timed out after {timeout_s:.0f}s: {exc}") from None
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
 
 async def _discover_once(server: str, token: str, ca_hash: str) -> bytes:
