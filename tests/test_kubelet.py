@@ -17,7 +17,7 @@ import urllib3
 
 from kplane import pki
 from tests.cluster import Cluster, free_port
-from tests.test_node import node_cert, phase, pod_json, run_pod, wait
+from tests.test_node import node_cert, node_name, phase, pod_json, run_pod, wait
 
 urllib3.disable_warnings()
 
@@ -152,6 +152,24 @@ def test_user_with_get_nodes_proxy_cannot_exec(cluster: Cluster, ns: str, tmp_pa
                               "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
                               "Sec-WebSocket-Protocol": "v5.channel.k8s.io"})
     assert r.status_code == 403
+    # ...and through the apiserver's node proxy, where the kubelet sees the apiserver's own identity: the
+    # apiserver asks for create on nodes/proxy for any upgrade (and any streaming kubelet path)
+    node = node_name(cluster)
+    ws = {"Authorization": f"Bearer {token}", "Connection": "Upgrade", "Upgrade": "websocket",
+          "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+          "Sec-WebSocket-Protocol": "v5.channel.k8s.io"}
+    for path in (f"/exec/{ns}/target/c?command=id&output=1", f"/attach/{ns}/target/c?output=1",
+                 f"/run/{ns}/target/c?cmd=id", f"/portForward/{ns}/target"):
+        r = requests.get(f"{cluster.url}/api/v1/nodes/{node}/proxy{path}", verify=ca, timeout=10, headers=ws)
+        assert r.status_code == 403, (path, r.status_code, r.text)
+        assert r.json()["kind"] == "Status" and "create" in r.json()["message"]
+        r = requests.get(f"{cluster.url}/api/v1/nodes/{node}/proxy{path}", verify=ca, timeout=10,
+                         headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 403, (path, r.status_code, r.text)
+    # what get nodes/proxy is for still works
+    r = requests.get(f"{cluster.url}/api/v1/nodes/{node}/proxy/healthz", verify=ca, timeout=10,
+                     headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 200 and r.text == "ok"
     cluster.kubectl("delete", "pod", "target", "-n", ns, "--wait=false")
 
 

@@ -163,6 +163,10 @@ class APIServer:
         verb = info.verb
         if info.resource == "pods" and info.subresource in ("exec", "attach", "portforward"):
             verb = "create"  # a WebSocket upgrade is a GET, but it runs a command: never "get" permission
+        elif info.subresource == "proxy" and _streaming_proxy(req, info):
+            # the same through a proxy subresource: an upgrade, or the kubelet's streaming paths (where the kubelet
+            # sees the apiserver's own identity), needs create, so "get nodes/proxy" cannot run commands
+            verb = "create"
         attrs = Attributes(
             user=user, verb=verb, resource_request=info.resource_request, path=req.path,
             namespace=info.namespace, api_group=info.api_group, api_version=info.api_version,
@@ -1008,6 +1012,16 @@ class APIServer:
         self.shutting_down.set()
         for t in list(self._watchers):
             t.cancel()
+
+
+_KUBELET_STREAMING = ("exec", "attach", "run", "portforward")
+
+
+def _streaming_proxy(req: web.Request, info: request.RequestInfo) -> bool:
+    if "upgrade" in req.headers.get("Connection", "").lower() or req.headers.get("Upgrade"):
+        return True
+    first = info.rest.lstrip("/").split("/", 1)[0].lower()
+    return info.resource == "nodes" and first in _KUBELET_STREAMING
 
 
 def discovery_col(name: str, fmt: str) -> Any:
