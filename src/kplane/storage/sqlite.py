@@ -15,12 +15,22 @@ watcher that lets more than ``MAX_WATCH_QUEUE`` events pile up is terminated wit
 
 ``meta.compacted`` is the highest revision removed from history; watching from ``rv < compacted`` raises
 :class:`Compacted`. History is trimmed to ``history`` rows automatically every ``COMPACT_EVERY`` writes.
+
+WAL checkpoints (copying the log back into the database file, then an fsync) mostly run off the event loop:
+SQLite's automatic checkpoint, every 1,000 pages by default, stalled whichever write crossed the threshold for as
+long as the disk took (~15 ms here, one write in ~300). A daemon thread with its own connection runs a PASSIVE
+checkpoint every ``CHECKPOINT_EVERY`` writes (PASSIVE never blocks the writer). Under a steady stream of writes
+that checkpoint never quite catches up, so the log could not start over; the writer's own checkpoint, raised to
+``WAL_AUTOCHECKPOINT`` pages, finishes the job (the log is then reused from the start) and finds almost
+everything already copied. SQLite checkpoints what is left when the store closes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
+import threading
 from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
@@ -39,10 +49,14 @@ from .base import (
     prefix_end,
 )
 
-__all__ = ["COMPACT_EVERY", "MAX_WATCH_QUEUE", "SQLiteStore"]
+__all__ = ["CHECKPOINT_EVERY", "COMPACT_EVERY", "MAX_WATCH_QUEUE", "SQLiteStore"]
+
+log = logging.getLogger(__name__)
 
 MAX_WATCH_QUEUE = 10000
 COMPACT_EVERY = 1000
+CHECKPOINT_EVERY = 200
+WAL_AUTOCHECKPOINT = 10000  # pages: the writer's own (blocking) checkpoint, when the background one lags
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, rv INTEGER NOT NULL, value BLOB NOT NULL);
@@ -72,6 +86,42 @@ def _with_rv(obj: dict[str, Any], rv: int) -> dict[str, Any]:
     return out
 
 
+class _Checkpointer(threading.Thread):
+    """Runs ``PRAGMA wal_checkpoint(PASSIVE)`` on its own connection whenever :meth:`poke` is called."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(daemon=True, name="sqlite-wal-checkpoint")
+        self._path = path
+        self._wake = threading.Event()
+        self._stopping = False
+        self.checkpoints = 0
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def run(self) -> None:
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=1.0)
+        try:
+            while True:
+                self._wake.wait()
+                self._wake.clear()
+                if self._stopping:
+                    return
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    self.checkpoints += 1
+                except sqlite3.Error as exc:  # the next poke tries again
+                    log.warning("sqlite: WAL checkpoint failed: %s", exc)
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self.ident is not None:
+            self.join(10)
+
+
 def _range_sql(prefix: str) -> tuple[str, list[Any]]:
     end = prefix_end(prefix)
     if end is None:
@@ -87,6 +137,8 @@ class SQLiteStore(Store):
         self._history = history
         self._watchers: set[_Watcher] = set()
         self._writes_since_compact = 0
+        self._writes_since_checkpoint = 0
+        self._checkpointer: _Checkpointer | None = None
         self._closed = False
         row = conn.execute("SELECT v FROM meta WHERE k = 'rev'").fetchone()
         self._rev: int = int(row[0])
@@ -96,10 +148,14 @@ class SQLiteStore(Store):
     @classmethod
     async def open(cls, path: str, *, history: int = 10000) -> SQLiteStore:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
+        wal = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"  # not for ":memory:"
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(_SCHEMA)
         store = cls(conn, history)
+        if wal:
+            conn.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT}")
+            store._checkpointer = _Checkpointer(path)
+            store._checkpointer.start()
         if store._rev - store._compacted > history:
             store._compact_sync(history)
         return store
@@ -130,6 +186,11 @@ class SQLiteStore(Store):
             raise
         self._rev = rev
         self._notify((rev, key, etype, value))
+        if self._checkpointer is not None:
+            self._writes_since_checkpoint += 1
+            if self._writes_since_checkpoint >= CHECKPOINT_EVERY:
+                self._writes_since_checkpoint = 0
+                self._checkpointer.poke()
         self._writes_since_compact += 1
         if self._writes_since_compact >= COMPACT_EVERY:
             self._writes_since_compact = 0
@@ -307,4 +368,6 @@ class SQLiteStore(Store):
         for w in list(self._watchers):
             w.queue.put_nowait(None)
         self._watchers.clear()
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         self._db.close()
