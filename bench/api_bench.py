@@ -37,6 +37,7 @@ from bench.common import (
     Figure,
     H1Conn,
     HTTPError,
+    Profiler,
     Report,
     client_ssl,
     machine_line,
@@ -242,8 +243,10 @@ def main() -> None:
     ap.add_argument("--max-rate", type=float, default=20000)
     ap.add_argument("--no-search", action="store_true", help="only the fixed load")
     ap.add_argument("--json", help="write the figures here (for bench/report.py)")
+    ap.add_argument("--py-spy", metavar="OUT", help="profile the server during the fixed-load runs")
     args = ap.parse_args()
     ops = [o.strip().upper() for o in args.ops.split(",") if o.strip()]
+    prof = Profiler(args.py_spy)
     rep = Report("api")
     print(f"# {machine_line()}", flush=True)
     raise_nofile()
@@ -253,7 +256,10 @@ def main() -> None:
         try:
             seed(c)
             load = Load(c, args.procs, args.conns)
+            assert c.proc is not None
+            prof.start(c.proc.pid)
             fixed = {op: load.run(op, args.rate, args.duration, args.warmup) for op in ops}
+            prof.stop()
             search: dict[str, tuple[float, dict[str, Any] | None]] = {}
             if not args.no_search:
                 for op in ops:

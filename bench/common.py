@@ -285,7 +285,7 @@ class Profiler:
         if not self.out:
             return
         exe = Path(sys.executable).parent / "py-spy"
-        self.proc = subprocess.Popen([str(exe) if exe.exists() else "py-spy", "record", "--nonblocking", "-r", "200",
+        self.proc = subprocess.Popen([str(exe) if exe.exists() else "py-spy", "record", "--nonblocking", "-r", os.environ.get("PYSPY_RATE", "200"), *os.environ.get("PYSPY_EXTRA", "").split(),
                                       "-f", "raw", "-o", self.out, "-p", str(pid)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
