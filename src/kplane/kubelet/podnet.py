@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import hashlib
 import ipaddress
@@ -51,6 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from kplane.api import meta
+from kplane.kubelet import nsutil
 
 if TYPE_CHECKING:
     from kplane.client import APIClient
@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 
 Obj = dict[str, Any]
 T = TypeVar("T")
-CLONE_NEWNET = 0x40000000
+CLONE_NEWNET = nsutil.CLONE_NEWNET
 NETNS_DIR = Path("/run/netns")
 TABLE_PREFIX = "kplane-podnet-"
 FALLBACK_REASON = "HostNetworkFallback"
@@ -213,35 +213,13 @@ def masquerade_ruleset(table: str, pod_cidr: str, cluster_cidrs: Iterable[str]) 
 
 # --- namespaces from Python (ctypes) -----------------------------------------------------------------------
 
-_libc: ctypes.CDLL | None = None
-
-
-def _setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    if _libc.setns(fd, nstype) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
-def enter_netns(path: str) -> None:
-    """Move the calling thread (the whole process when it has one thread, as the shim) into a network
-    namespace."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        _setns(fd)
-    finally:
-        os.close(fd)
+# the ctypes wrappers live in nsutil (the shim imports only that); these names stay for podnet's callers
+_setns = nsutil.setns
+enter_netns = nsutil.enter_netns
 
 
 def _unshare_netns() -> None:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    if _libc.unshare(CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"unshare: {os.strerror(err)}")
+    nsutil.unshare(CLONE_NEWNET)
 
 
 def _in_fresh_thread(fn: Callable[[], T]) -> T:

@@ -433,7 +433,7 @@ def run(state: Path) -> int:
     started_at = now_rfc3339()
     netns = spec.get("netns")
     if netns:  # the pod's network namespace: the shim joins it, so the container and its children are in it
-        from kplane.kubelet.podnet import enter_netns
+        from kplane.kubelet.nsutil import enter_netns
 
         try:
             enter_netns(str(netns))
