@@ -63,10 +63,12 @@ def run(name: str, tmp: Path) -> tuple[dict[str, Any] | None, str, float, int]:
 
 def render(results: dict[str, tuple[dict[str, Any] | None, str, float, int]], m0: dict[str, str],
            m1: dict[str, str], started: datetime, notes: str) -> str:
-    load = f"load average {m0['loadavg']} at the start, {m1['loadavg']} at the end"
-    busy = max(float(m0["loadavg"].split()[0]), float(m1["loadavg"].split()[0]))
-    state = ("an unloaded machine" if busy < 0.5 else
-             f"a LOADED machine (other work was running: {load}); figures are lower than on a quiet machine")
+    load = (f"load average {m0['loadavg']} (1/5/15 min) before the run, {m1['loadavg']} after it (which "
+            f"includes the benchmarks' own load)")
+    busy = float(m0["loadavg"].split()[0])
+    state = ("a quiet machine (1-min load average below 0.5 before the run)" if busy < 0.5 else
+             f"a LOADED machine (1-min load average {busy:.2f} before the run: other work was running); figures "
+             f"are worse than on a quiet machine")
     out = [
         "# Benchmark results",
         "",
@@ -91,9 +93,7 @@ def render(results: dict[str, tuple[dict[str, Any] | None, str, float, int]], m0
                 rows.append([name, "benchmark failed" if rc else "no figures", "", "", "", f"exit code {rc}"])
             continue
         for f in doc["figures"]:
-            if f["target"] is None and not f["name"].startswith(("port-forward", "exec", "kubectl logs")):
-                continue
-            target = "" if f["target"] is None else f"{f['op']} {_num(f['target'])} {f['unit']}"
+            target = "(none)" if f["target"] is None else f"{f['op']} {_num(f['target'])} {f['unit']}"
             met = {True: "met", False: "**not met**", None: ""}[f["met"]]
             value = "not measured" if f["value"] is None else f"{_num(f['value'])} {f['unit']}"
             rows.append([name, f["name"], value, target, met, f["note"]])
