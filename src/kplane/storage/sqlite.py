@@ -9,7 +9,7 @@ Schema::
 One connection in WAL mode with ``synchronous=NORMAL``. Every operation is a small indexed statement run
 synchronously on the event-loop thread, so each write (revision bump + kv row + history row, in one
 transaction) is atomic with respect to other coroutines without any locking. After commit the event is
-fanned out to in-process watchers, each owning an unbounded ``asyncio.Queue`` of encoded events; a
+fanned out to in-process watchers, each owning an unbounded queue (a deque) of encoded events; a
 watcher that lets more than ``MAX_WATCH_QUEUE`` events pile up is terminated with :class:`Compacted`
 (the client must relist) rather than growing memory. Each watcher decodes its own copy of the object.
 
@@ -31,6 +31,7 @@ import asyncio
 import logging
 import sqlite3
 import threading
+from collections import deque
 from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
@@ -71,11 +72,30 @@ _Item = tuple[int, str, str, bytes] | BaseException | None
 
 
 class _Watcher:
-    __slots__ = ("prefix", "queue")
+    """A watcher's backlog: a deque and one waiter future (lighter than an asyncio.Queue, which matters when one
+    write is handed to a thousand watchers)."""
+
+    __slots__ = ("_waiter", "items", "prefix")
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
-        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self.items: deque[_Item] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: _Item) -> None:
+        self.items.append(item)
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def get(self) -> _Item:
+        while not self.items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self.items.popleft()
 
 
 def _with_rv(obj: dict[str, Any], rv: int) -> dict[str, Any]:
@@ -203,11 +223,11 @@ class SQLiteStore(Store):
         for w in list(self._watchers):
             if not key.startswith(w.prefix):
                 continue
-            if w.queue.qsize() >= MAX_WATCH_QUEUE:
+            if len(w.items) >= MAX_WATCH_QUEUE:
                 self._watchers.discard(w)
-                w.queue.put_nowait(Compacted(f"watcher fell more than {MAX_WATCH_QUEUE} events behind"))
+                w.put(Compacted(f"watcher fell more than {MAX_WATCH_QUEUE} events behind"))
             else:
-                w.queue.put_nowait(item)
+                w.put(item)
 
     def _current(self, key: str) -> tuple[int, bytes] | None:
         row = self._db.execute("SELECT rv, value FROM kv WHERE key = ?", (key,)).fetchone()
@@ -328,7 +348,7 @@ class SQLiteStore(Store):
                 yield Event(etype, key, orjson.loads(value), rv)
             del backlog
             while True:
-                item = await watcher.queue.get()
+                item = await watcher.get()
                 if item is None:
                     return
                 if isinstance(item, BaseException):
@@ -366,7 +386,7 @@ class SQLiteStore(Store):
             return
         self._closed = True
         for w in list(self._watchers):
-            w.queue.put_nowait(None)
+            w.put(None)
         self._watchers.clear()
         if self._checkpointer is not None:
             self._checkpointer.stop()
