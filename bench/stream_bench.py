@@ -169,6 +169,8 @@ def main() -> None:
     ap.add_argument("--execs", type=int, default=30)
     ap.add_argument("--lines", type=int, default=200000)
     ap.add_argument("--only-throughput", action="store_true")
+    ap.add_argument("--skip-direct", action="store_true",
+                    help="only the Konnectivity pass (with --py-spy: profile it)")
     ap.add_argument("--json", help="write the figures here (for bench/report.py)")
     ap.add_argument("--py-spy", metavar="OUT", help="profile kplane during the WebSocket port-forward runs")
     args = ap.parse_args()
@@ -179,16 +181,22 @@ def main() -> None:
                                  stdout=subprocess.DEVNULL)
     try:
         wait_port("127.0.0.1", host_port)
-        with tempfile.TemporaryDirectory(prefix="kplane-bench-") as d:
-            c = Cluster(Path(d) / "data")
-            c.start()
-            env0 = dict(os.environ, KUBECONFIG=str(c.kubeconfig), HOME=d)
-            try:
-                rows = throughput_rows(c, env0, args, host_port, Profiler(args.py_spy))
-                if not args.only_throughput:
-                    exec_rows, logs = exec_and_logs(c, env0, args)
-            finally:
-                c.stop()
+        if args.skip_direct:
+            total = args.mb * 1024 * 1024
+            rows = [("raw loopback TCP (host sink)",
+                     statistics.median(send("127.0.0.1", host_port, total) for _ in range(args.runs)),
+                     float("nan"))]
+        else:
+            with tempfile.TemporaryDirectory(prefix="kplane-bench-") as d:
+                c = Cluster(Path(d) / "data")
+                c.start()
+                env0 = dict(os.environ, KUBECONFIG=str(c.kubeconfig), HOME=d)
+                try:
+                    rows = throughput_rows(c, env0, args, host_port, Profiler(args.py_spy))
+                    if not args.only_throughput:
+                        exec_rows, logs = exec_and_logs(c, env0, args)
+                finally:
+                    c.stop()
         kon_rows: list[tuple[str, float, float]] = []
         kon_note = "not measured: konnectivity not wired yet (no `kplane up --egress konnectivity`)"
         if konnectivity_available():
@@ -197,7 +205,8 @@ def main() -> None:
                 c.start()
                 env0 = dict(os.environ, KUBECONFIG=str(c.kubeconfig), HOME=d)
                 try:
-                    kon_rows = throughput_rows(c, env0, args, 0, label=" via konnectivity")
+                    kon_rows = throughput_rows(c, env0, args, 0, Profiler(args.py_spy) if args.skip_direct else None,
+                                               label=" via konnectivity")
                     kon_note = ""
                 finally:
                     c.stop()
@@ -220,7 +229,7 @@ def main() -> None:
     if kon_note:
         rep.add(Figure("port-forward via konnectivity", None, "MB/s", TARGET_KONNECTIVITY / 1e6, ">=",
                        note=kon_note))
-    if not args.only_throughput:
+    if not args.only_throughput and not args.skip_direct:
         rep.section(f"### Exec round trip ({args.execs} runs each)\n\n"
                     + md_table(["client", "p50 ms", "p99 ms"], exec_rows)
                     + "\n\nkubectl rows include starting the kubectl process; the Python client row does not.")
