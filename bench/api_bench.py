@@ -233,7 +233,7 @@ def seed(cluster: Cluster) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rate", type=float, default=TARGET_RATE, help="fixed offered load, requests/s")
-    ap.add_argument("--duration", type=float, default=6.0, help="seconds per run (fixed load)")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per run (fixed load)")
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--procs", type=int, default=2, help="load processes")
     ap.add_argument("--conns", type=int, default=8, help="connections per load process")
