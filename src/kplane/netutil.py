@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 
@@ -35,3 +36,20 @@ def parse_cidr(text: str, what: str) -> ipaddress.IPv4Network:
     if not isinstance(net, ipaddress.IPv4Network):
         raise ValueError(f"{what}: only IPv4 ranges are supported")
     return net
+
+
+async def wait_readable(sock: socket.socket) -> None:
+    """Wait until a non-blocking socket has data (or EOF) to read, without reading it."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_reader(fd, ready)
+    try:
+        await fut
+    finally:
+        loop.remove_reader(fd)

@@ -45,6 +45,7 @@ import orjson
 import yaml
 
 from kplane.errors import StatusError
+from kplane.netutil import wait_readable as _wait_readable
 
 if TYPE_CHECKING:
     from kplane.tunnel.ssh import SSHTunneler
@@ -395,20 +396,6 @@ class DirectDialer:
             raise _bad_gateway(f'egress "{self.name}" (Direct): error dialing {target}: {_reason(exc)}') from exc
 
 
-async def _wait_readable(sock: socket.socket) -> None:
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-    fd = sock.fileno()
-
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    loop.add_reader(fd, ready)
-    try:
-        await fut
-    finally:
-        loop.remove_reader(fd)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 
+from kplane.netutil import wait_readable as _wait_readable
 from kplane.tunnel import konnectivity_pb2_grpc as pb_grpc
 from kplane.tunnel import packets as P
 from kplane.tunnel.flow import CHUNK
@@ -43,20 +44,6 @@ class TunnelDialError(OSError):
         return f"konnectivity dial failed ({self.status}): {self.message}"
 
 
-async def _wait_readable(sock: socket.socket) -> None:
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-    fd = sock.fileno()
-
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    loop.add_reader(fd, ready)
-    try:
-        await fut
-    finally:
-        loop.remove_reader(fd)
 
 
 async def dial_http_connect(uds_path: str | os.PathLike[str], host: str, port: int, *,
