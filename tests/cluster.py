@@ -66,6 +66,15 @@ class Cluster:
     net_index: int = -1
 
     @property
+    def advertised_url(self) -> str:
+        """The apiserver URL the cluster hands out (kubeconfigs, cluster-info): its advertise address."""
+        import re
+
+        m = re.search(r"server:\s*\"?([^\s\"]+)", self.kubeconfig.read_text())
+        assert m, self.kubeconfig
+        return m.group(1)
+
+    @property
     def node_ip(self) -> str:
         """The address `kplane up` gives its node (and its kubelet serving certificate)."""
         from kplane.netutil import default_ipv4

@@ -137,7 +137,8 @@ async def _make_token(admin: APIClient, ttl_s: int = 3600) -> str:
 async def test_cluster_info_signed_for_token_and_unsigned_after_delete(cluster: Cluster, admin: APIClient,
                                                                        cm: APIClient) -> None:
     ca_pem = (cluster.pki / "ca.crt").read_bytes()
-    signer = BootstrapSigner(cm, server=cluster.url, ca_pem=ca_pem, poll_s=1)
+    # the cluster runs its own signer too: both must describe the same server (the advertised address)
+    signer = BootstrapSigner(cm, server=cluster.advertised_url, ca_pem=ca_pem, poll_s=1)
     signer.start()
     try:
         token = await _make_token(admin)
@@ -153,7 +154,7 @@ async def test_cluster_info_signed_for_token_and_unsigned_after_delete(cluster: 
 
         data = await _eventually(signed, what="cluster-info signature")
         kubeconfig = data["kubeconfig"]
-        assert cluster.url in kubeconfig
+        assert cluster.advertised_url in kubeconfig
         assert base64.b64encode(ca_pem).decode() in kubeconfig
         assert "users: null" in kubeconfig and "token" not in kubeconfig
         sig = data[f"jws-kubeconfig-{tid}"]
@@ -181,7 +182,8 @@ async def _cm_value(admin: APIClient, path: str, key: str, want: str) -> bool:
 
 async def test_expired_tokens_are_not_signed_and_are_cleaned(cluster: Cluster, admin: APIClient,
                                                              cm: APIClient) -> None:
-    signer = BootstrapSigner(cm, server=cluster.url, ca_pem=(cluster.pki / "ca.crt").read_bytes(), poll_s=0.5)
+    signer = BootstrapSigner(cm, server=cluster.advertised_url, ca_pem=(cluster.pki / "ca.crt").read_bytes(),
+                             poll_s=0.5)
     cleaner = TokenCleaner(cm, poll_s=0.5)
     signer.start()
     try:
