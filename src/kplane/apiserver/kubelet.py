@@ -21,13 +21,12 @@ from urllib.parse import quote, urlencode
 import orjson
 from aiohttp import web
 
+from kplane.apiserver.backend import copy_body, read_response_head, splice
 from kplane.errors import StatusError
-from kplane.httpupgrade import hijack_into, pipe
 
 log = logging.getLogger(__name__)
 
 ADDRESS_PREFERENCE = ("InternalIP", "ExternalIP", "InternalDNS", "ExternalDNS", "Hostname")
-MAX_HEAD = 64 * 1024
 _HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
         "transfer-encoding", "upgrade", "host", "content-length", "authorization"}
 _UPGRADE_COPY = ("sec-websocket-key", "sec-websocket-version", "sec-websocket-protocol",
@@ -98,35 +97,23 @@ class KubeletConnector:
                               reason="BadGateway") from exc
 
     async def request(self, target: KubeletTarget, method: str, path: str, headers: dict[str, str],
-                      ) -> tuple[int, dict[str, str], bytes, asyncio.StreamReader, asyncio.StreamWriter]:
-        """Send one request; return (status, headers, raw head, reader positioned at the body, writer)."""
+                      ) -> tuple[int, dict[str, str], asyncio.StreamReader, asyncio.StreamWriter]:
+        """Send one request; return (status, headers, reader positioned at the body, writer)."""
         reader, writer = await self.open(target)
         lines = [f"{method} {path} HTTP/1.1", f"Host: {target.host}:{target.port}"]
         lines += [f"{k}: {v}" for k, v in headers.items()]
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         await writer.drain()
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, OSError) as exc:
+            status, head = await read_response_head(reader, f'the kubelet of node "{target.node}"')
+        except BaseException:
             writer.close()
-            raise StatusError(502, f'the kubelet of node "{target.node}" sent no valid response',
-                              reason="BadGateway") from exc
-        if len(head) > MAX_HEAD:
-            writer.close()
-            raise StatusError(502, "kubelet response head too large", reason="BadGateway")
-        status_line, *hlines = head.decode("latin-1").split("\r\n")
-        try:
-            status = int(status_line.split(" ", 2)[1])
-        except (IndexError, ValueError) as exc:
-            writer.close()
-            raise StatusError(502, f"bad status line from kubelet: {status_line[:80]!r}", reason="BadGateway") from exc
+            raise
         rh: dict[str, str] = {}
-        for h in hlines:
-            if ":" in h:
-                k, v = h.split(":", 1)
-                key = k.strip().lower()
-                rh[key] = f"{rh[key]}, {v.strip()}" if key in rh else v.strip()
-        return status, rh, head, reader, writer
+        for k, v in head:
+            key = k.lower()
+            rh[key] = f"{rh[key]}, {v}" if key in rh else v
+        return status, rh, reader, writer
 
 
 async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str], limit: int = 1 << 20) -> bytes:
@@ -197,7 +184,7 @@ def pick_container(pod: dict[str, Any], requested: str) -> str:
 
 async def proxy_logs(connector: KubeletConnector, target: KubeletTarget, path: str, req: web.Request,
                      ) -> web.StreamResponse:
-    status, headers, _head, reader, writer = await connector.request(
+    status, headers, reader, writer = await connector.request(
         target, "GET", path, {"Accept": "*/*", "Connection": "close", "User-Agent": "kplane-apiserver"})
     try:
         if status != 200:
@@ -207,21 +194,7 @@ async def proxy_logs(connector: KubeletConnector, target: KubeletTarget, path: s
         await resp.prepare(req)
         chunked = "chunked" in headers.get("transfer-encoding", "").lower()
         try:
-            if chunked:
-                while True:
-                    size_line = await reader.readline()
-                    size = int(size_line.split(b";")[0].strip() or b"0", 16)
-                    if size == 0:
-                        break
-                    data = await reader.readexactly(size)
-                    await reader.readexactly(2)
-                    await resp.write(data)
-            else:
-                while True:
-                    data = await reader.read(65536)
-                    if not data:
-                        break
-                    await resp.write(data)
+            await copy_body(reader, resp, chunked=chunked, length=None)
         except (asyncio.IncompleteReadError, ValueError, OSError):
             pass
         with contextlib.suppress(ConnectionResetError):
@@ -252,27 +225,11 @@ async def proxy_upgrade(connector: KubeletConnector, target: KubeletTarget, path
     peer = req.remote or ""
     xff = req.headers.get("X-Forwarded-For")
     headers["X-Forwarded-For"] = f"{xff}, {peer}" if xff else peer
-    status, rh, _head, reader, writer = await connector.request(target, req.method, path, headers)
+    status, rh, reader, writer = await connector.request(target, req.method, path, headers)
     if status != 101:
         body = await _read_body(reader, rh)
         writer.close()
         raise _error_from(status, rh, body, "unable to upgrade connection")
     out = {k.title() if not k.startswith("x-") else "X-Stream-Protocol-Version": v for k, v in rh.items()
            if k in _RESPONSE_COPY}
-    resp, up, client_writer = await hijack_into(req, out, writer)  # client -> kubelet: written as it arrives
-    down = asyncio.create_task(pipe(reader, client_writer))
-    try:
-        done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
-        if down in done:
-            # the kubelet closed: nothing more can come back; stop reading from the client
-            up.cancel()
-        else:
-            # the client closed its side (EOF was passed on): let the kubelet finish what it is sending
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(down), 30)
-    finally:
-        for t in (up, down):
-            t.cancel()
-        writer.close()
-        client_writer.close()
-    return resp
+    return await splice(req, out, reader, writer)

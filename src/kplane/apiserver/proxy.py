@@ -25,13 +25,13 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from kplane.apiserver import kubelet as kc
+from kplane.apiserver.backend import copy_body, read_response_head, splice
 from kplane.errors import StatusError
 
 log = logging.getLogger(__name__)
 
 Obj = dict[str, Any]
 
-MAX_HEAD = 64 * 1024
 MAX_REQUEST_BODY = 3 * 1024 * 1024
 _HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
         "transfer-encoding", "upgrade", "host", "content-length", "authorization", "proxy-connection"}
@@ -261,7 +261,7 @@ async def forward(server: Any, req: web.Request, t: Target, rest: str, prefix: s
             head.append(f"Content-Length: {len(body)}")
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1", errors="replace") + body)
         await writer.drain()
-        status, headers = await _read_head(reader, t)
+        status, headers = await read_response_head(reader, t.kind)
         resp = web.StreamResponse(status=status)
         for k, v in headers:
             lk = k.lower()
@@ -288,8 +288,8 @@ async def forward(server: Any, req: web.Request, t: Target, rest: str, prefix: s
             resp.enable_chunked_encoding()
         await resp.prepare(req)
         try:
-            await _copy_body(reader, resp, chunked=chunked, length=int(length) if length and length.isdigit()
-                             and not chunked else None)
+            await copy_body(reader, resp, chunked=chunked, idle_timeout_s=300,
+                            length=int(length) if length and length.isdigit() and not chunked else None)
         except (asyncio.IncompleteReadError, ValueError, OSError, TimeoutError):
             pass  # the backend stopped mid-body: the client sees a short response, as with any proxy
         with contextlib.suppress(ConnectionResetError):
@@ -299,56 +299,7 @@ async def forward(server: Any, req: web.Request, t: Target, rest: str, prefix: s
         writer.close()
 
 
-async def _read_head(reader: asyncio.StreamReader, t: Target) -> tuple[int, list[tuple[str, str]]]:
-    try:
-        raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, OSError) as exc:
-        raise StatusError(502, f"{t.kind} sent no valid HTTP response", reason="BadGateway") from exc
-    if len(raw) > MAX_HEAD:
-        raise StatusError(502, f"{t.kind} sent a response head larger than {MAX_HEAD} bytes", reason="BadGateway")
-    line, *lines = raw.decode("latin-1").split("\r\n")
-    bits = line.split(" ", 2)
-    if len(bits) < 2 or not bits[0].startswith("HTTP/1.") or not bits[1].isdigit() or len(bits[1]) != 3:
-        raise StatusError(502, f"{t.kind} sent a bad status line: {line[:80]!r}", reason="BadGateway")
-    headers = []
-    for h in lines:
-        if not h:
-            continue
-        k, sep, v = h.partition(":")
-        if not sep or not k or k != k.strip():
-            raise StatusError(502, f"{t.kind} sent a malformed header line", reason="BadGateway")
-        headers.append((k, v.strip()))
-    return int(bits[1]), headers
-
-
-async def _copy_body(reader: asyncio.StreamReader, resp: web.StreamResponse, *, chunked: bool,
-                     length: int | None) -> None:
-    if chunked:
-        while True:
-            size_line = await asyncio.wait_for(reader.readline(), 300)
-            size = int(size_line.split(b";")[0].strip() or b"0", 16)
-            if size == 0:
-                return
-            while size:
-                data = await reader.read(min(size, 65536))
-                if not data:
-                    raise asyncio.IncompleteReadError(b"", size)
-                size -= len(data)
-                await resp.write(data)
-            await reader.readexactly(2)
-    remaining = length
-    while remaining is None or remaining > 0:
-        data = await reader.read(65536 if remaining is None else min(remaining, 65536))
-        if not data:
-            return
-        if remaining is not None:
-            remaining -= len(data)
-        await resp.write(data)
-
-
 async def _forward_upgrade(server: Any, req: web.Request, t: Target, rest: str) -> web.StreamResponse:
-    from kplane.httpupgrade import hijack, pipe
-
     reader, writer = await open_target(server, t)
     try:
         head = [f"{req.method} {_request_path(rest, req.query_string)} HTTP/1.1"]
@@ -356,7 +307,7 @@ async def _forward_upgrade(server: Any, req: web.Request, t: Target, rest: str) 
         head += ["Connection: Upgrade", f"Upgrade: {req.headers['Upgrade']}"]
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1", errors="replace"))
         await writer.drain()
-        status, headers = await _read_head(reader, t)
+        status, headers = await read_response_head(reader, t.kind)
     except BaseException:
         writer.close()
         raise
@@ -367,16 +318,4 @@ async def _forward_upgrade(server: Any, req: web.Request, t: Target, rest: str) 
                                    f"followed", reason="BadGateway")
         raise StatusError(502 if status < 400 else status, f"{t.kind} refused the upgrade ({status})")
     out = {k: v for k, v in headers if k.lower() not in ("content-length", "transfer-encoding")}
-    resp, client_reader, client_writer = await hijack(req, out)
-    up = asyncio.create_task(pipe(client_reader, writer))
-    down = asyncio.create_task(pipe(reader, client_writer))
-    try:
-        await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(down), 30)
-    finally:
-        for task in (up, down):
-            task.cancel()
-        writer.close()
-        client_writer.close()
-    return resp
+    return await splice(req, out, reader, writer)
