@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from kplane import pki
+from kplane.aio import cancel_and_wait
 from kplane.api import meta
 from kplane.apiserver.authn import Authenticator
 from kplane.apiserver.authz import Authorizer
@@ -323,8 +324,7 @@ class ControlPlane:
             tunneler.set_nodes(nodes_from_api(list(nodes.values())))
 
     async def stop(self) -> None:
-        for t in self._egress_tasks:
-            t.cancel()
+        await cancel_and_wait(self._egress_tasks)
         if self.konnectivity is not None:
             with contextlib.suppress(Exception):
                 await self.konnectivity.stop()

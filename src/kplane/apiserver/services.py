@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kplane.aio import cancel_and_wait
 from kplane.errors import StatusError, invalid
 from kplane.storage.base import KeyExists, KeyNotFound, Store
 
@@ -366,10 +367,7 @@ class KubernetesServiceReconciler:
         self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await cancel_and_wait([self._task])
 
     async def _loop(self) -> None:
         ticks = 0

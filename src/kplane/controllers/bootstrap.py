@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kplane import bootstraptoken
+from kplane.aio import cancel_and_wait
 from kplane.api import meta
 from kplane.client import APIClient, informer
 from kplane.errors import StatusError
@@ -103,11 +104,7 @@ class _Base:
 
     async def close(self) -> None:
         self.stop.set()
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(self._tasks)
         self._tasks = []
 
     async def _watch_secrets(self) -> None:

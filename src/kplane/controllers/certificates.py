@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import ipaddress
 import logging
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from kplane import pki
+from kplane.aio import cancel_and_wait
 from kplane.api import meta
 from kplane.client import APIClient, informer
 from kplane.errors import StatusError
@@ -175,11 +175,8 @@ class _CSRController:
 
     async def close(self) -> None:
         self.stop.set()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        await cancel_and_wait([self._task])
+        self._task = None
 
     async def _run(self) -> None:
         async for ev, csr in informer(self.client, CSR_PATH, self.stop):

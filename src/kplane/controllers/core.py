@@ -12,6 +12,7 @@ import contextlib
 import logging
 from typing import Any
 
+from kplane.aio import cancel_and_wait
 from kplane.api.resources import RESOURCES
 from kplane.client import APIClient, informer, path_for
 from kplane.errors import StatusError
@@ -35,11 +36,7 @@ class NamespaceControllers:
 
     async def close(self) -> None:
         self.stop.set()
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(self._tasks)
 
     async def _run_namespaces(self) -> None:
         async for ev, ns in informer(self.client, "/api/v1/namespaces", self.stop):

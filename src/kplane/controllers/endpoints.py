@@ -15,6 +15,7 @@ import hashlib
 import logging
 from typing import Any
 
+from kplane.aio import cancel_and_wait
 from kplane.api import meta
 from kplane.client import APIClient, informer, path_for
 from kplane.errors import StatusError
@@ -173,11 +174,7 @@ class EndpointsController:
 
     async def close(self) -> None:
         self.stop.set()
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(self._tasks)
 
     def _mark(self, key: str) -> None:
         self.dirty.add(key)

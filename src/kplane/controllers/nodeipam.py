@@ -24,6 +24,7 @@ from urllib.parse import quote
 
 import aiohttp
 
+from kplane.aio import cancel_and_wait
 from kplane.api import meta
 from kplane.client import APIClient
 from kplane.errors import StatusError
@@ -130,10 +131,7 @@ class NodeIPAM:
 
     async def close(self) -> None:
         self.stop.set()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await cancel_and_wait([self._task])
 
     # --- state (no I/O) ----------------------------------------------------------------------------------
 

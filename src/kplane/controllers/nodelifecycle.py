@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from kplane.aio import cancel_and_wait
 from kplane.api import meta
 from kplane.client import APIClient, informer
 from kplane.errors import StatusError
@@ -69,11 +70,7 @@ class NodeLifecycle:
 
     async def close(self) -> None:
         self.stop.set()
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(self._tasks)
         self._tasks = []
 
     async def _watch_nodes(self) -> None:

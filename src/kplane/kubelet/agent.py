@@ -22,6 +22,7 @@ from typing import Any
 from cryptography import x509
 
 from kplane import __version__, pki
+from kplane.aio import cancel_and_wait
 from kplane.api import meta
 from kplane.client import APIClient
 from kplane.errors import StatusError
@@ -152,11 +153,7 @@ class NodeAgent:
     async def stop(self) -> None:
         """Stop the agent; containers keep running (a restarted agent adopts them)."""
         self.stop_event.set()
-        for t in self.tasks:
-            t.cancel()
-        for t in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(self.tasks)
         if self.konnectivity is not None:
             with contextlib.suppress(Exception):
                 await self.konnectivity.stop()

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from kplane.aio import cancel_and_wait
 from kplane.client import APIClient
 from kplane.errors import StatusError
 from kplane.proxy import conntrack, iptables, nftables
@@ -173,11 +174,7 @@ class Proxier:
 
     async def stop(self) -> None:
         self._stop.set()
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(self._tasks)
         if self._runner is not None:
             await self._runner.cleanup()
         try:
