@@ -405,6 +405,94 @@ async def test_spdy_portforward_stalled_stream_does_not_block_others(echo_server
         await client.close()
 
 
+async def test_spdy_portforward_data_before_dial_keeps_order_and_fin() -> None:
+    """The pod's end is dialled after the client already sent data: what waited in the stream's reader goes first,
+    then the frames written straight to the pod (pipe_to), in order; the client's FIN becomes the pod's EOF."""
+    got = bytearray()
+    eof = asyncio.Event()
+
+    async def sink(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while data := await r.read(65536):
+            got.extend(data)
+        eof.set()
+        w.close()
+
+    srv = await asyncio.start_server(sink, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    may_dial = asyncio.Event()
+
+    async def slow_dial(_: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        await may_dial.wait()
+        return await asyncio.open_connection("127.0.0.1", port)
+
+    payload = os.urandom(3 * 1024 * 1024 + 123)
+    try:
+        async with serve(pf_routes(slow_dial)) as addr:
+            client, _ = await spdy_client(addr, "/pf", ["portforward.k8s.io"])
+            hdr = {"port": "80", "requestID": "0"}
+            await client.open_stream({"streamType": "error", **hdr})
+            data = await client.open_stream({"streamType": "data", **hdr})
+            view = memoryview(payload)
+            for i in range(0, 256 * 1024, 32 * 1024):  # before the dial
+                data.write(bytes(view[i:i + 32 * 1024]))
+            await data.drain()
+            await asyncio.sleep(0.2)
+            may_dial.set()
+            for i in range(256 * 1024, len(payload), 32 * 1024):
+                data.write(bytes(view[i:i + 32 * 1024]))
+                await data.drain()
+            data.write_eof()
+            await asyncio.wait_for(eof.wait(), 5)
+            assert bytes(got) == payload
+            await client.close()
+    finally:
+        srv.close()
+        await srv.wait_closed()
+
+
+async def test_spdy_portforward_pod_not_reading_is_reset_not_buffered(echo_server: int) -> None:
+    """A pod that stops reading: at most ~1 MiB waits in the kubelet for it, then the connection stops being read
+    and after the stall timeout only that stream is reset; another forward on the same connection still works."""
+    conns: list[asyncio.StreamWriter] = []
+
+    async def deaf(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        conns.append(w)  # never reads
+        await asyncio.sleep(30)
+
+    srv = await asyncio.start_server(deaf, "127.0.0.1", 0)
+    deaf_port = srv.sockets[0].getsockname()[1]
+
+    async def spdy_pf(request: web.Request) -> web.StreamResponse:
+        reader, writer = await accept_spdy_upgrade(request, "portforward.k8s.io")
+        await spdy_portforward(reader, writer, dialer({1: deaf_port, 2: echo_server}), stall_timeout=0.5)
+        return web.Response()
+
+    try:
+        async with serve([web.post("/pf", spdy_pf)]) as addr:
+            client, _ = await spdy_client(addr, "/pf", ["portforward.k8s.io"])
+            hdr = {"port": "1", "requestID": "0"}
+            await client.open_stream({"streamType": "error", **hdr})
+            stalled = await client.open_stream({"streamType": "data", **hdr})
+            chunk = b"z" * 32768
+            with contextlib.suppress(ConnectionResetError):
+                for _ in range(2000):  # 64 MB: far more than the socket buffers and the 1 MiB high-water mark
+                    if stalled.reset_by_peer:
+                        break
+                    stalled.write(chunk)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(client.drain(), 2)
+            await asyncio.wait_for(stalled.reader.read(), 5)
+            assert stalled.reset_by_peer
+            echoed, errtext = await forward_once(client, 1, 2, b"ok" * 50000)
+            assert echoed == b"ok" * 50000 and errtext == b""
+            await client.close()
+    finally:
+        for w in conns:
+            w.close()
+        srv.close()
+        await srv.wait_closed()
+
+
 async def test_websocket_portforward_v4(echo_server: int) -> None:
     async with serve(pf_routes(dialer({80: echo_server, 8080: echo_server}))) as addr, \
             aiohttp.ClientSession() as http:

@@ -248,6 +248,9 @@ class SpdyStream:
         self._replied: asyncio.Future[None] | None = (
             asyncio.get_running_loop().create_future() if local else None)
         self._finished = False
+        # pipe_to(): inbound DATA goes straight to a writer instead of self.reader
+        self._sink: Callable[[bytes], None] | None = None
+        self._sink_eof: Callable[[], None] | None = None
 
     def header(self, name: str) -> str | None:
         v = self.headers.get(name.lower())
@@ -304,6 +307,69 @@ class SpdyStream:
 
     def on_reset(self, cb: Callable[[], object]) -> None:
         self._on_reset.append(cb)
+
+    async def pipe_to(self, dst: asyncio.StreamWriter, high_water: int = 1 << 20) -> None:
+        """Write everything the peer sends on this stream to ``dst`` until its FIN (passed on as ``dst``'s EOF) or
+        a reset: what :attr:`reader` holds first, then each DATA frame as the session parses it, with no reader,
+        copy or task wake-up in between. While ``dst`` has more than ``high_water`` bytes unsent the stream counts
+        as full, so the session stops reading the connection (and resets the stream after its stall timeout, as
+        for a full reader)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        early: list[bytes] = []
+        fin = False
+        resuming: asyncio.Task[None] | None = None
+
+        def hold(data: bytes) -> None:  # while the reader is drained below
+            early.append(data)
+
+        def hold_eof() -> None:
+            nonlocal fin
+            fin = True
+
+        async def resume() -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                await dst.drain()
+            self._gate.resume_reading()
+
+        def write(data: bytes) -> None:
+            nonlocal resuming
+            if dst.is_closing():
+                return
+            dst.write(data)
+            if not self._gate.paused and dst.transport.get_write_buffer_size() > high_water:
+                self._gate.pause_reading()
+                resuming = loop.create_task(resume())
+
+        def eof() -> None:
+            with contextlib.suppress(OSError, RuntimeError):
+                if not dst.is_closing() and dst.can_write_eof():
+                    dst.write_eof()
+            if not done.done():
+                done.set_result(None)
+
+        self._sink, self._sink_eof = hold, hold_eof
+        def gone() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        self.on_reset(gone)
+        self.reader.feed_eof()  # new DATA goes to `early`; what the reader holds ends here
+        with contextlib.suppress(ConnectionError):
+            while data := await self.reader.read(1 << 20):
+                write(data)
+        for data in early:
+            write(data)
+        early.clear()
+        self._sink, self._sink_eof = write, eof
+        if fin or self._finished:
+            eof()
+        try:
+            await done
+        finally:
+            self._sink = self._sink_eof = None
+            if resuming is not None:
+                resuming.cancel()
 
     # --- driven by the session ---
     def _peer_reset(self) -> None:
@@ -384,6 +450,12 @@ class SpdySession:
         if isinstance(ev, Data):
             st = self.streams.get(ev.stream_id)
             if st is None:
+                return
+            if st._sink is not None:
+                if ev.data:
+                    st._sink(ev.data)
+                if ev.fin and st._sink_eof is not None:
+                    st._sink_eof()
                 return
             if ev.data:
                 st.reader.feed_data(ev.data)
@@ -741,6 +813,9 @@ class DialHandler:
             return
 
         async def upstream() -> None:  # client -> pod
+            if isinstance(writer_to_client, SpdyStream) and writer_to_client.reader is reader_from_client:
+                await writer_to_client.pipe_to(pod_writer)  # DATA frames straight to the pod's socket
+                return
             with contextlib.suppress(ConnectionError, OSError):
                 while data := await reader_from_client.read(CHUNK):
                     pod_writer.write(data)
