@@ -429,7 +429,7 @@ class SpdySession:
         try:
             while not self.conn.goaway_received:
                 try:
-                    data = await self.reader.read(65536)
+                    data = await self.reader.read(1 << 18)
                 except (ConnectionError, OSError):
                     break
                 if not data:

@@ -315,18 +315,33 @@ class SpdyConnection:
     def receive_data(self, data: bytes) -> list[Event]:
         if self._broken:
             raise SpdyProtocolError("connection already failed")
-        # Frames are cut straight out of ``data`` (one copy per payload); only an incomplete frame at the end
-        # waits in ``_inbuf`` for the next call.
-        buf: bytes | bytearray = data
-        if self._inbuf:
-            self._inbuf += data
-            buf = self._inbuf
+        # Frames are cut straight out of ``data`` (one copy per payload). Only a frame cut off at the end waits in
+        # ``_inbuf``; the next call tops it up with just the bytes that frame still lacks, so the bytes after it
+        # are never copied into the buffer.
         events: list[Event] = []
-        pos, end = 0, len(buf)
+        pos, end = 0, len(data)
         try:
-            with memoryview(buf) as view:
+            with memoryview(data) as view:
+                inbuf = self._inbuf
+                if inbuf:
+                    if len(inbuf) < 8:
+                        pos = min(8 - len(inbuf), end)
+                        inbuf += view[:pos]
+                        if len(inbuf) < 8:
+                            return events
+                    word, flags_len = _HDR.unpack_from(inbuf, 0)
+                    take = min(8 + (flags_len & 0xFFFFFF) - len(inbuf), end - pos)
+                    inbuf += view[pos:pos + take]
+                    pos += take
+                    if len(inbuf) < 8 + (flags_len & 0xFFFFFF):
+                        return events
+                    payload = bytes(inbuf[8:])
+                    inbuf.clear()
+                    ev = self._frame(word, flags_len >> 24, payload)
+                    if ev is not None:
+                        events.append(ev)
                 while end - pos >= 8:
-                    word, flags_len = _HDR.unpack_from(buf, pos)
+                    word, flags_len = _HDR.unpack_from(data, pos)
                     length = flags_len & 0xFFFFFF
                     if end - pos < 8 + length:
                         break
@@ -335,14 +350,11 @@ class SpdyConnection:
                     ev = self._frame(word, flags_len >> 24, payload)
                     if ev is not None:
                         events.append(ev)
+                if pos < end:
+                    inbuf += view[pos:]
         except SpdyProtocolError:
             self._broken = True
             raise
-        finally:
-            if buf is self._inbuf:
-                del self._inbuf[:pos]
-            elif pos < end:
-                self._inbuf += data[pos:]
         return events
 
     def _frame(self, word: int, flags: int, payload: bytes) -> Event | None:
