@@ -1,5 +1,6 @@
-"""The copy-free paths of the streaming data plane: the SPDY-in-WebSocket tunnel reader and the apiserver's
-upgrade forwarding (:func:`kplane.httpupgrade.hijack_into`), on real loopback sockets."""
+"""The copy-free paths of the streaming data plane: the SPDY-in-WebSocket tunnel reader and the connection take-over
+after an upgrade (:mod:`kplane.httpupgrade`: the apiserver's forwarding, the kubelet's pushed SPDY), on real loopback
+sockets, plain and TLS."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import ssl
+import subprocess
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -21,12 +25,13 @@ pytestmark = pytest.mark.timeout(30)
 
 
 @contextlib.asynccontextmanager
-async def serve(handler: object, method: str = "GET") -> AsyncIterator[str]:
+async def serve(handler: object, method: str = "GET", ssl_context: ssl.SSLContext | None = None,
+                ) -> AsyncIterator[str]:
     app = web.Application()
     app.router.add_route(method, "/x", handler)  # type: ignore[arg-type]
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
     await site.start()
     try:
         yield f"127.0.0.1:{runner.addresses[0][1]}"
@@ -128,3 +133,64 @@ async def test_hijack_into_forwards_everything_and_holds_back_a_fast_client() ->
     sink.close()
     assert count[0] == total and received.digest() == sent.digest()
     assert peak[0] <= httpupgrade.FORWARD_HIGH_WATER + (1 << 20), peak[0]
+
+
+def tls_contexts(d: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(d / "k.pem"), "-out", str(d / "c.pem"), "-subj", "/CN=localhost", "-days", "1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(d / "c.pem", d / "k.pem")
+    client = ssl.create_default_context(cafile=str(d / "c.pem"))
+    return server, client
+
+
+async def test_take_over_over_tls_keeps_bytes_sent_with_the_request_first_and_ends_on_disconnect(
+        tmp_path: Path) -> None:
+    """Over TLS: bytes the client sent in the same write as a WebSocket upgrade request (the one upgrade after which
+    aiohttp keeps such bytes: for any other it would parse them as the next request) reach the destination first,
+    then 4 MiB in order; when the client goes away without a close_notify, the forwarding ends and the handler
+    returns (no hang)."""
+    server_ctx, client_ctx = tls_contexts(tmp_path)
+    got = bytearray()
+    sink_done = asyncio.Event()
+    handler_done = asyncio.Event()
+
+    async def sink_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while data := await r.read(65536):
+            got.extend(data)
+        sink_done.set()
+        w.close()
+
+    sink = await asyncio.start_server(sink_conn, "127.0.0.1", 0)
+    sink_port = sink.sockets[0].getsockname()[1]
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        _r, dst = await asyncio.open_connection("127.0.0.1", sink_port)
+        resp, done, _back = await httpupgrade.hijack_into(request, {"Connection": "Upgrade",
+                                                                    "Upgrade": "websocket"}, dst)
+        await done
+        dst.close()
+        handler_done.set()
+        return resp
+
+    first = b"sent-with-the-request:" + os.urandom(1000)
+    rest = os.urandom(4 << 20)
+    async with serve(handler, ssl_context=server_ctx) as addr:
+        host, port = addr.split(":")
+        r, w = await asyncio.open_connection(host, int(port), ssl=client_ctx, server_hostname="127.0.0.1")
+        w.write(b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n" + first)
+        head = await r.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101")
+        w.write(rest)
+        await w.drain()
+        for _ in range(1000):
+            if len(got) >= len(first) + len(rest):
+                break
+            await asyncio.sleep(0.01)
+        w.transport.abort()  # gone, no close_notify
+        await asyncio.wait_for(sink_done.wait(), 10)
+        await asyncio.wait_for(handler_done.wait(), 10)
+    sink.close()
+    assert bytes(got) == first + rest

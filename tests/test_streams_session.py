@@ -405,9 +405,11 @@ async def test_spdy_portforward_stalled_stream_does_not_block_others(echo_server
         await client.close()
 
 
-async def test_spdy_portforward_data_before_dial_keeps_order_and_fin() -> None:
-    """The pod's end is dialled after the client already sent data: what waited in the stream's reader goes first,
-    then the frames written straight to the pod (pipe_to), in order; the client's FIN becomes the pod's EOF."""
+@pytest.mark.parametrize("all_before_dial", [False, True])
+async def test_spdy_portforward_data_before_dial_keeps_order_and_fin(all_before_dial: bool) -> None:
+    """The pod's end is dialled after the client already sent data (or all of it and its FIN): what waited in the
+    stream's reader goes first, then the frames written straight to the pod (pipe_to), in order; the client's FIN
+    becomes the pod's EOF."""
     got = bytearray()
     eof = asyncio.Event()
 
@@ -425,7 +427,7 @@ async def test_spdy_portforward_data_before_dial_keeps_order_and_fin() -> None:
         await may_dial.wait()
         return await asyncio.open_connection("127.0.0.1", port)
 
-    payload = os.urandom(3 * 1024 * 1024 + 123)
+    payload = os.urandom(200 * 1024 + 123 if all_before_dial else 3 * 1024 * 1024 + 123)
     try:
         async with serve(pf_routes(slow_dial)) as addr:
             client, _ = await spdy_client(addr, "/pf", ["portforward.k8s.io"])
@@ -435,6 +437,8 @@ async def test_spdy_portforward_data_before_dial_keeps_order_and_fin() -> None:
             view = memoryview(payload)
             for i in range(0, 256 * 1024, 32 * 1024):  # before the dial
                 data.write(bytes(view[i:i + 32 * 1024]))
+            if all_before_dial:
+                data.write_eof()
             await data.drain()
             await asyncio.sleep(0.2)
             may_dial.set()

@@ -56,7 +56,7 @@ from typing import Any, Protocol
 
 from aiohttp import WSMsgType, web
 
-from kplane.httpupgrade import hijack
+from kplane.httpupgrade import PushSource, hijack_push
 
 from . import channels
 from .channels import ChannelError, ResizeDecoder, protocol_info, status_payload
@@ -218,13 +218,15 @@ def negotiate_spdy(request_headers: Mapping[str, str],
 
 
 async def accept_spdy_upgrade(request: web.Request, protocol: str, *,
-                              limit: int = DEFAULT_STREAM_LIMIT) -> tuple[asyncio.StreamReader, ByteWriter]:
-    """Send ``101 Switching Protocols`` for a SPDY upgrade and return the raw byte streams.
+                              limit: int = DEFAULT_STREAM_LIMIT) -> tuple[PushSource, ByteWriter]:
+    """Send ``101 Switching Protocols`` for a SPDY upgrade and return the raw byte streams. The reading side is a
+    :class:`~kplane.httpupgrade.PushSource`: a :class:`SpdySession` over it parses each chunk as the connection
+    delivers it instead of reading it from a buffer.
 
     The aiohttp handler must keep running (awaiting the session) until the session ends, then return
     ``request[kplane.httpupgrade.UPGRADE_RESPONSE]``.
     """
-    _resp, reader, writer = await hijack(request, {
+    _resp, reader, writer = await hijack_push(request, {
         "Connection": "Upgrade", "Upgrade": "SPDY/3.1", "X-Stream-Protocol-Version": protocol},
         limit=max(1, limit // 2))
     return reader, writer
@@ -248,6 +250,7 @@ class SpdyStream:
         self._replied: asyncio.Future[None] | None = (
             asyncio.get_running_loop().create_future() if local else None)
         self._finished = False
+        self._remote_fin = False  # the peer's FIN came (as a DATA/SYN/HEADERS flag)
         # pipe_to(): inbound DATA goes straight to a writer instead of self.reader
         self._sink: Callable[[bytes], None] | None = None
         self._sink_eof: Callable[[], None] | None = None
@@ -362,7 +365,7 @@ class SpdyStream:
             write(data)
         early.clear()
         self._sink, self._sink_eof = write, eof
-        if fin or self._finished:
+        if fin or self._finished or self._remote_fin:  # the peer finished before the pipe was set up
             eof()
         try:
             await done
@@ -399,6 +402,7 @@ class SpdySession:
         self.stall_timeout = stall_timeout
         self.closed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._unstalling: asyncio.Task[None] | None = None
 
     def start(self) -> asyncio.Task[None]:
         if self._task is None:
@@ -426,6 +430,9 @@ class SpdySession:
         return stream
 
     async def run(self) -> None:
+        if isinstance(self.reader, PushSource):
+            await self._run_pushed(self.reader)
+            return
         try:
             while not self.conn.goaway_received:
                 try:
@@ -434,15 +441,46 @@ class SpdySession:
                     break
                 if not data:
                     break
-                try:
-                    events = self.conn.receive_data(data)
-                except SpdyProtocolError as e:
-                    log.info("SPDY protocol error from peer: %s", e)
+                if not self._receive(data):
                     break
-                for ev in events:
-                    self._dispatch(ev)
-                self.flush()
                 await self._wait_stalled()
+        finally:
+            self._teardown()
+
+    def _receive(self, data: bytes | memoryview) -> bool:
+        """Parse and dispatch one chunk; False when the connection is to end."""
+        try:
+            events = self.conn.receive_data(data)
+        except SpdyProtocolError as e:
+            log.info("SPDY protocol error from peer: %s", e)
+            return False
+        for ev in events:
+            self._dispatch(ev)
+        self.flush()
+        return True
+
+    async def _run_pushed(self, source: PushSource) -> None:
+        """Each chunk is parsed as the connection delivers it; a full stream stops the connection being read
+        until it drains (or is reset after ``stall_timeout``), as in the read loop."""
+        def on_data(view: memoryview) -> None:
+            if self.closed.is_set():
+                return
+            if not self._receive(view) or self.conn.goaway_received:
+                self._teardown()
+                return
+            if self._unstalling is None and any(st._gate.paused for st in self.streams.values()):
+                source.pause()
+                self._unstalling = asyncio.get_running_loop().create_task(unstall())
+
+        async def unstall() -> None:
+            await self._wait_stalled()
+            self._unstalling = None
+            if not self.closed.is_set():
+                source.resume()
+
+        source.attach(on_data, self._teardown)
+        try:
+            await self.closed.wait()
         finally:
             self._teardown()
 
@@ -451,6 +489,8 @@ class SpdySession:
             st = self.streams.get(ev.stream_id)
             if st is None:
                 return
+            if ev.fin:
+                st._remote_fin = True
             if st._sink is not None:
                 if ev.data:
                     st._sink(ev.data)
@@ -465,6 +505,7 @@ class SpdySession:
             st = SpdyStream(self, ev.stream_id, ev.headers)
             self.streams[ev.stream_id] = st
             if ev.fin:
+                st._remote_fin = True
                 st.reader.feed_eof()
             if self.on_stream is None:
                 st.reset(RST_REFUSED_STREAM)
@@ -480,7 +521,11 @@ class SpdySession:
                 if isinstance(ev, SynReply) and st._replied is not None and not st._replied.done():
                     st._replied.set_result(None)
                 if ev.fin:
-                    st.reader.feed_eof()
+                    st._remote_fin = True
+                    if st._sink_eof is not None:
+                        st._sink_eof()
+                    else:
+                        st.reader.feed_eof()
         elif isinstance(ev, RstStream):
             st = self.streams.pop(ev.stream_id, None)
             if st is not None:
@@ -501,6 +546,8 @@ class SpdySession:
         if self.closed.is_set():
             return
         self.closed.set()
+        if self._unstalling is not None and self._unstalling is not asyncio.current_task():
+            self._unstalling.cancel()
         for st in list(self.streams.values()):
             st._peer_reset()
         self.streams.clear()

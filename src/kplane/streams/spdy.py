@@ -312,7 +312,7 @@ class SpdyConnection:
 
     # ----------------------------------------------------------------- receiving
 
-    def receive_data(self, data: bytes) -> list[Event]:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         if self._broken:
             raise SpdyProtocolError("connection already failed")
         # Frames are cut straight out of ``data`` (one copy per payload). Only a frame cut off at the end waits in
