@@ -376,7 +376,7 @@ async def follow(path: Path | str, *, tail: int | None = None, since: datetime |
     Survives rotation (reopens ``path`` when its inode changes).  Ends when ``stop()`` returns true
     and everything written so far has been yielded; otherwise runs until cancelled.
     """
-    import asyncio  # here, not at the top: every container's shim imports this module and never follows
+    import asyncio  # here, not at the top: the container shim imports this module and never follows
 
     path = Path(path)
     stream_set = frozenset(streams)

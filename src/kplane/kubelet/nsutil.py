@@ -1,7 +1,7 @@
 """Linux namespaces from Python through ctypes (Python 3.11 has no ``os.setns``/``os.unshare``).
 
-Kept apart from :mod:`kplane.kubelet.podnet` on purpose: the per-container shim imports only this, so each shim
-stays a small interpreter (no asyncio, no netlink)."""
+Kept apart from :mod:`kplane.kubelet.podnet` on purpose: the node's container shim imports only this, so it stays
+a small interpreter (no asyncio, no netlink)."""
 
 from __future__ import annotations
 
@@ -33,8 +33,7 @@ def unshare(flags: int = CLONE_NEWNET) -> None:
 
 
 def enter_netns(path: str) -> None:
-    """Move the calling thread (the whole process when it has one thread, as the shim) into a network
-    namespace."""
+    """Move the calling thread (the whole process when it has one thread) into a network namespace."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         setns(fd)

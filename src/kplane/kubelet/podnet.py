@@ -18,9 +18,10 @@ else created here, in ``<node data dir>/network/state.json``: a restarted agent 
 IPs, and :func:`cleanup_node` can remove every trace of a node. Stopping the agent leaves all of it in place
 (containers outlive the agent); deleting a pod removes its namespace, veth and IP.
 
-Containers join the pod's namespace in their shim (:func:`enter_netns`, ``setns(2)`` through ctypes: Python 3.11
-has no ``os.setns``); exec joins it with ``nsenter --net``; port-forward connects to ``localhost`` inside it from a
-short-lived thread that ``setns``es first (a network namespace is per thread) and hands the socket to asyncio.
+Containers join the pod's namespace between fork and exec, in the child the node's shim starts (``setns(2)``
+through ctypes, :mod:`kplane.kubelet.nsutil`: Python 3.11 has no ``os.setns``); exec joins it with
+``nsenter --net``; port-forward connects to ``localhost`` inside it from a short-lived thread that ``setns``es
+first (a network namespace is per thread) and hands the socket to asyncio.
 
 Without root, or with ``--pod-network host``, pods share the host's network as before and each pod gets an Event
 ``HostNetworkFallback`` saying so.

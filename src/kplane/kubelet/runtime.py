@@ -1,8 +1,11 @@
-"""Process container runtime: every container is a real host process supervised by a detached shim.
+"""Process container runtime: every container is a real host process supervised by the node's detached shim.
 
-State lives on disk under ``<root>/containers/<id>/`` (see :mod:`kplane.kubelet.shim`), so a
-restarted agent rediscovers running containers with :meth:`ProcessRuntime.list` and never loses an
-exit code: the shim, not the agent, is the container's parent and records ``exit.json``.
+One shim process per runtime root (per node) supervises all of its containers (see :mod:`kplane.kubelet.shim`,
+which also says what that costs: a crash of the shim loses supervision of every container of the node). The
+runtime starts it on demand and asks it, over ``<root>/shim.sock``, to start each container. State lives on disk
+under ``<root>/containers/<id>/``, so a restarted agent rediscovers running containers with
+:meth:`ProcessRuntime.list` and never loses an exit code: the shim, not the agent, is the container's parent and
+records ``exit.json``.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import contextlib
 import errno
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -31,6 +33,8 @@ from typing import Any, Literal
 import kplane
 from kplane.kubelet.crilog import parse_ts, rotated_files
 from kplane.kubelet.shim import (
+    CONTROL_SOCK,
+    DEFAULT_IDLE_EXIT_S,
     FRAME_CLOSE_STDIN,
     FRAME_HDR,
     FRAME_RESIZE,
@@ -41,6 +45,7 @@ from kplane.kubelet.shim import (
     proc_stat,
     set_winsize,
     sock_path,
+    valid_id,
 )
 
 __all__ = [
@@ -58,7 +63,6 @@ __all__ = [
 ]
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,252}$")
 _POLL_S = 0.02
 _PKG_ROOT = str(Path(kplane.__file__).resolve().parent.parent)  # so the shim can import kplane
 
@@ -80,7 +84,7 @@ class ContainerNotRunningError(RuntimeError):
 
 
 def validate_id(container_id: str) -> str:
-    if not isinstance(container_id, str) or not _ID_RE.match(container_id) or ".." in container_id:
+    if not valid_id(container_id):
         raise ValueError(f"invalid container id {container_id!r}")
     return container_id
 
@@ -472,12 +476,19 @@ class AttachSession:
         self._writer.close()
 
 
+class _NoAnswer(Exception):
+    """The shim closed the connection without answering (it was exiting, or died): nothing was started."""
+
+
 class ProcessRuntime:
-    def __init__(self, root: Path | str, *, start_timeout: float = 10.0) -> None:
+    def __init__(self, root: Path | str, *, start_timeout: float = 10.0,
+                 shim_idle_exit: float = DEFAULT_IDLE_EXIT_S) -> None:
         self.root = Path(root).resolve()
         self.containers_dir = self.root / "containers"
         self.containers_dir.mkdir(parents=True, exist_ok=True)
         self.start_timeout = start_timeout
+        self.shim_idle_exit = shim_idle_exit  # for a shim this runtime starts: exit after this long without containers
+        self._launching: asyncio.Future[str] | None = None  # the shim launch in flight (one at a time)
 
     # ----------------------------------------------------------------- paths
     def state_dir(self, container_id: str) -> Path:
@@ -534,17 +545,16 @@ class ProcessRuntime:
         tmp.write_text(json.dumps(doc))
         os.replace(tmp, d / "spec.json")
 
-        shim_env = dict(os.environ)
-        shim_env["PYTHONPATH"] = os.pathsep.join(p for p in (_PKG_ROOT, shim_env.get("PYTHONPATH")) if p)
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "kplane.kubelet.shim", str(d),
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE, start_new_session=True, env=shim_env)
-        _, err = await proc.communicate()  # returns once the shim has detached
-        if proc.returncode != 0:
-            shutil.rmtree(d, ignore_errors=True)
-            raise RuntimeError(f"shim for {container_id!r} failed: {err.decode(errors='replace').strip()}")
         deadline = time.monotonic() + self.start_timeout
+        try:
+            reply = await self._ask_shim({"op": "start", "dir": str(d)}, deadline)
+        except BaseException:
+            if not (d / "shim.pid").exists():  # no shim claimed it: nothing runs
+                shutil.rmtree(d, ignore_errors=True)
+            raise
+        if not reply.get("ok"):
+            shutil.rmtree(d, ignore_errors=True)
+            raise RuntimeError(f"the shim refused to start container {container_id!r}: {reply.get('error')}")
         while True:
             if (d / "pid").exists() or (d / "exit.json").exists():
                 return
@@ -556,6 +566,72 @@ class ProcessRuntime:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"container {container_id!r} did not start within {self.start_timeout}s")
             await asyncio.sleep(_POLL_S)
+
+    # ----------------------------------------------------------------- the node's shim
+    async def _ask_shim(self, request: dict[str, Any], deadline: float) -> dict[str, Any]:
+        """Send ``request`` to the node's shim, starting one if none answers (none yet, or the last one exited
+        when idle); retried until ``deadline``. Retrying is safe: the shim never starts a state dir twice."""
+        last: BaseException | None = None
+        while time.monotonic() < deadline:
+            try:
+                reply = await self._shim_request(request, deadline - time.monotonic())
+                if not reply.get("retry"):
+                    return reply
+                last = RuntimeError(reply.get("error"))
+            except (OSError, _NoAnswer) as e:  # no socket, a stale one, or a shim that went away: start one
+                last = e
+                if await self._launch_shared() == "ready":
+                    continue
+            await asyncio.sleep(_POLL_S)  # another shim holds the lock (starting up, or exiting)
+        raise RuntimeError(f"no container shim answered on {self.root / CONTROL_SOCK}: {last}")
+
+    async def _shim_request(self, request: dict[str, Any], limit_s: float) -> dict[str, Any]:
+        addr, dfd = sock_path(self.root, CONTROL_SOCK)
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(addr), max(limit_s, 0.01))
+        finally:
+            if dfd is not None:
+                os.close(dfd)
+        try:
+            writer.write(json.dumps(request).encode() + b"\n")
+            await writer.drain()
+            line = await asyncio.wait_for(reader.readline(), max(limit_s, 0.01))
+        finally:
+            writer.close()
+        if not line.endswith(b"\n"):
+            raise _NoAnswer("the shim closed the connection without answering")
+        reply = json.loads(line)
+        if not isinstance(reply, dict):
+            raise RuntimeError(f"unexpected answer from the shim: {line[:200]!r}")
+        return reply
+
+    async def _launch_shared(self) -> str:
+        """Concurrent starts that find no shim wait for one launch instead of each starting a launcher."""
+        fut = self._launching
+        if fut is None or fut.done() or fut.get_loop() is not asyncio.get_running_loop():
+            fut = self._launching = asyncio.ensure_future(self._launch_shim())
+        return await asyncio.shield(fut)
+
+    async def _launch_shim(self) -> str:
+        """Start the node's shim; "ready" once it listens, "busy" if another one holds its lock."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PKG_ROOT, env.get("PYTHONPATH")) if p)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "kplane.kubelet.shim", str(self.root), "--idle-exit", str(self.shim_idle_exit),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, start_new_session=True, env=env)
+        try:  # returns once the shim listens (or has found another one)
+            out, err = await asyncio.wait_for(proc.communicate(), self.start_timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise RuntimeError(f"the container shim for {self.root} did not start within {self.start_timeout}s") \
+                from None
+        if proc.returncode != 0:
+            raise RuntimeError(f"the container shim for {self.root} failed to start: "
+                               f"{err.decode(errors='replace').strip()}")
+        return out.decode(errors="replace").split(" ", 1)[0].split(":", 1)[0].strip()
 
     def status(self, container_id: str) -> ContainerState:
         d = self.state_dir(container_id)
@@ -667,7 +743,7 @@ class ProcessRuntime:
     def list(self) -> list[str]:
         out = []
         for entry in sorted(os.listdir(self.containers_dir)):
-            if _ID_RE.match(entry) and ".." not in entry and (self.containers_dir / entry / "spec.json").exists():
+            if valid_id(entry) and (self.containers_dir / entry / "spec.json").exists():
                 out.append(entry)
         return out
 
