@@ -9,10 +9,13 @@ each sample, summed over every process of the cluster:
 
 * ``kplane``: the ``kplane up`` process (apiserver, controllers, node agent and kubelet in one process) and any
   helper processes it has at that moment;
-* ``shims``: the per-container shims (``python -m kplane.kubelet.shim``, one per container, detached);
-* ``containers``: the pods' own processes (here ``sleep``), reported apart: they are the workload.
+* ``shim``: the node's container shim (``python -m kplane.kubelet.shim <node runtime root>``, one per node,
+  detached, supervising all of the node's containers), and while it is being started its short-lived launcher
+  (the same command line);
+* ``containers``: the pods' own processes (here ``sleep``, children of the shim), reported apart: they are the
+  workload.
 
-The figure is the peak of the summed RSS of kplane + shims (PSS, which splits shared pages fairly, is shown next
+The figure is the peak of the summed RSS of kplane + shim (PSS, which splits shared pages fairly, is shown next
 to it). Measures; asserts nothing.
 """
 
@@ -97,7 +100,8 @@ def _proc_table() -> dict[int, tuple[int, str]]:
 
 
 def classify(main_pid: int, data_dir: Path) -> dict[int, str]:
-    """Every process of the cluster: ``kplane`` (the main process and its helpers), ``shim``, ``container``."""
+    """Every process of the cluster: ``kplane`` (the main process and its helpers), ``shim`` (the node's shim and
+    its launcher), ``container`` (what runs under a shim)."""
     table = _proc_table()
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in table.items():
@@ -232,10 +236,10 @@ def main() -> None:
                 f"{args.pod_network} (sampled every 100 ms, "
                 f"{len(mem.samples)} samples; breakdown at the RSS peak, t={t_rss:.1f} s)\n\n"
                 + md_table(["processes", "count", "RSS MiB", "PSS MiB", "counted"], rows)
-                + f"\n\nPeak PSS of kplane + shims: {peak_pss:.1f} MiB (t={t_pss:.1f} s). RSS at the last sample: "
+                + f"\n\nPeak PSS of kplane + shim: {peak_pss:.1f} MiB (t={t_pss:.1f} s). RSS at the last sample: "
                   f"{steady:.1f} MiB. RSS counts pages shared between the Python processes (interpreter, "
                   f"libraries) once per process; PSS splits them.")
-    rep.add(Figure(f"peak RSS, kplane + {args.pods} pods' shims", peak_rss, "MiB", TARGET_MB,
+    rep.add(Figure(f"peak RSS, kplane + node shim, {args.pods} pods", peak_rss, "MiB", TARGET_MB,
                    note=f"PSS {peak_pss:.0f} MiB; containers themselves not counted"))
     rep.finish(args.json)
 
