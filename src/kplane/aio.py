@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import Iterable
 from typing import Any
 
@@ -17,3 +18,11 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any] | None]) -> None:
     for t in live:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await t
+
+
+def freeze_startup_heap() -> None:
+    """Call once a server has started: what it allocated so far (modules, classes, its PKI and first caches) lives as
+    long as the process, so it is moved out of the cyclic collector's view (``gc.freeze``). A full collection then
+    walks only what came after, instead of stalling the event loop for tens of milliseconds (measured: 29-33 ms in
+    the apiserver under the API benchmark) to find nothing in the startup heap."""
+    gc.freeze()

@@ -165,6 +165,7 @@ def _up(args: argparse.Namespace, *, node: bool) -> Callable[[asyncio.Event], Aw
 
 def _agent(args: argparse.Namespace) -> Callable[[asyncio.Event], Awaitable[int]]:
     async def go(stop: asyncio.Event) -> int:
+        from kplane.aio import freeze_startup_heap
         from kplane.kubelet.agent import NodeAgent, NodeConfig
         from kplane.netutil import default_ipv4
 
@@ -177,6 +178,7 @@ def _agent(args: argparse.Namespace) -> Callable[[asyncio.Event], Awaitable[int]
         agent = NodeAgent(cfg)
         await agent.start()
         print(f"kplane: node {name} joined {args.server}", flush=True)
+        freeze_startup_heap()
         try:
             await stop.wait()
         finally:

@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from kplane import pki
-from kplane.aio import cancel_and_wait
+from kplane.aio import cancel_and_wait, freeze_startup_heap
 from kplane.api import meta
 from kplane.apiserver.authn import Authenticator
 from kplane.apiserver.authz import Authorizer
@@ -357,6 +357,7 @@ async def run_forever(cfg: Config, stop: asyncio.Event, *, node: dict[str, Any] 
         if node is not None:
             agent = await join_local_node(cfg, node, stop)
         print(f"kplane: export KUBECONFIG={cfg.data_dir / 'admin.kubeconfig'}", flush=True)
+        freeze_startup_heap()
         await stop.wait()
     finally:
         if agent is not None:
