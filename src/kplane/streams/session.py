@@ -467,7 +467,18 @@ class SpdySession:
         def on_data(view: memoryview) -> None:
             if self.closed.is_set():
                 return
-            if not self._receive(view) or self.conn.goaway_received:
+            try:
+                events = self.conn.receive_data(view)
+            except SpdyProtocolError as e:
+                log.info("SPDY protocol error from peer: %s", e)
+                self._teardown()
+                return
+            if not events:  # part of a frame (a tunnel's messages split frames): nothing else can have changed
+                return
+            for ev in events:
+                self._dispatch(ev)
+            self.flush()
+            if self.conn.goaway_received:
                 self._teardown()
                 return
             if self._unstalling is None and any(st._gate.paused for st in self.streams.values()):
