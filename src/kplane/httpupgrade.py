@@ -263,14 +263,11 @@ class PushSource:
 
 
 async def hijack_push(request: web.Request, headers: Mapping[str, str], *, reason: str = "Switching Protocols",
-                      limit: int = READ_LIMIT, source: PushSource | None = None,
-                      ) -> tuple[web.StreamResponse, PushSource, RawWriter]:
-    """Send ``101`` with ``headers`` and :func:`take_over` the connection into a :class:`PushSource` (``source``,
-    or a new one). The handler must return the response (also kept as ``request[UPGRADE_RESPONSE]``) once it is
-    done with the connection."""
+                      limit: int = READ_LIMIT) -> tuple[web.StreamResponse, PushSource, RawWriter]:
+    """Send ``101`` with ``headers`` and :func:`take_over` the connection into a :class:`PushSource`. The handler
+    must return the response (also kept as ``request[UPGRADE_RESPONSE]``) once it is done with the connection."""
     resp = await _send_101(request, headers, reason)
-    if source is None:
-        source = PushSource(limit)
+    source = PushSource(limit)
     writer = RawWriter(request)
     source.transport = take_over(request, source)
     return resp, source, writer

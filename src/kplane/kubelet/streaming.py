@@ -228,14 +228,6 @@ async def port_forward(server: KubeletServer, req: web.Request, ns: str, pod: st
 
     if _is_websocket(req):
         protos = [channels.SPDY_TUNNEL_PORTFORWARD, *channels.PORTFORWARD_WS_PROTOCOLS]
-        if session.choose_websocket_protocol(req, protos) == channels.SPDY_TUNNEL_PORTFORWARD:
-            # kubectl's default: SPDY in binary messages; decoded as the frames arrive, straight into the session
-            try:
-                tunnel_in, tunnel_out = await session.accept_websocket_tunnel(req, channels.SPDY_TUNNEL_PORTFORWARD)
-            except ValueError as exc:
-                raise StatusError(400, f"unable to upgrade: {exc}") from None
-            await session.spdy_portforward(tunnel_in, tunnel_out, dial)
-            return req[UPGRADE_RESPONSE]
         ws = web.WebSocketResponse(protocols=protos, max_msg_size=0)
         if not ws.can_prepare(req).ok:
             raise StatusError(400, f"unable to upgrade: offer one of {', '.join(protos)}")

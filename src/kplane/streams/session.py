@@ -56,9 +56,9 @@ from typing import Any, Protocol
 
 from aiohttp import WSMsgType, web
 
-from kplane.httpupgrade import PushSource, RawWriter, hijack_push
+from kplane.httpupgrade import PushSource, hijack_push
 
-from . import channels, websocket
+from . import channels
 from .channels import ChannelError, ResizeDecoder, protocol_info, status_payload
 from .spdy import (
     RST_CANCEL,
@@ -83,8 +83,6 @@ __all__ = [
     "SpdySession",
     "SpdyStream",
     "accept_spdy_upgrade",
-    "accept_websocket_tunnel",
-    "choose_websocket_protocol",
     "negotiate_spdy",
     "spdy_portforward",
     "spdy_remotecommand",
@@ -1229,106 +1227,3 @@ def tunnel_spdy_over_websocket(ws: web.WebSocketResponse, *, limit: int = DEFAUL
     messages are read one at a time, straight from aiohttp's queue.)
     """
     return _WsMessageReader(ws), _WsByteWriter(ws)
-
-
-# --------------------------------------------------------------------------- WebSocket tunnel, taken over
-
-
-class _WsTunnel:
-    """The writing half of a taken-over WebSocket carrying a byte stream, and what both halves share."""
-
-    def __init__(self, writer: RawWriter) -> None:
-        self.raw = writer
-        self.close_sent = False
-
-    def write(self, data: bytes) -> None:
-        if data and not self.close_sent and not self.raw.is_closing():
-            self.raw.transport.writelines([websocket.frame_header(websocket.OP_BINARY, len(data)), data])
-
-    async def drain(self) -> None:
-        await self.raw.drain()
-
-    def send_control(self, opcode: int, payload: bytes = b"") -> None:
-        if not self.close_sent and not self.raw.is_closing():
-            self.raw.transport.write(websocket.encode_frame(opcode, payload))
-
-    def send_close(self, code: int, reason: str = "") -> None:
-        if not self.close_sent:
-            self.send_control(websocket.OP_CLOSE, websocket.close_payload(code, reason))
-            self.close_sent = True
-
-    def close(self) -> None:
-        self.send_close(websocket.CLOSE_NORMAL)
-        self.raw.close()  # asyncio sends what is buffered first
-
-    async def wait_closed(self) -> None:
-        return None
-
-
-class _WsTunnelSource(PushSource):
-    """Pushed bytes of a WebSocket that carries a byte stream: frames are decoded as they arrive and each binary
-    payload is passed on (message boundaries mean nothing); pings are answered; a close is answered and is the end;
-    a text message (1003) or a protocol error (its code) closes the connection."""
-
-    def __init__(self, tunnel_limit: int, max_frame: int) -> None:
-        super().__init__(tunnel_limit)
-        self.decoder = websocket.FrameDecoder(max_frame=max_frame)
-        self.tunnel: _WsTunnel | None = None
-
-    def data(self, view: memoryview) -> None:
-        try:
-            frames = self.decoder.receive_data(view)
-            for f in frames:
-                if f.opcode == websocket.OP_BINARY:
-                    if f.payload:
-                        super().data(memoryview(f.payload))
-                elif f.opcode == websocket.OP_TEXT:
-                    raise websocket.WebSocketError(websocket.CLOSE_UNSUPPORTED_DATA, "invalid message type received")
-                elif f.opcode == websocket.OP_PING:
-                    if self.tunnel is not None:
-                        self.tunnel.send_control(websocket.OP_PONG, bytes(f.payload))
-                elif f.opcode == websocket.OP_CLOSE:
-                    websocket.parse_close(f.payload)
-                    if self.tunnel is not None:
-                        self.tunnel.send_close(websocket.CLOSE_NORMAL)
-                    self.eof()
-                    return
-        except websocket.WebSocketError as e:
-            log.info("WebSocket tunnel: %s", e)
-            if self.tunnel is not None:
-                self.tunnel.send_close(e.code, str(e))
-                self.tunnel.raw.close()
-            self.eof()
-
-
-def choose_websocket_protocol(request: web.Request, supported: Iterable[str]) -> str | None:
-    """The first ``Sec-WebSocket-Protocol`` the client offers that is in ``supported`` (the client's order, as
-    aiohttp chooses), or None."""
-    supported = list(supported)
-    for proto in _header_values(request.headers, "Sec-WebSocket-Protocol"):
-        if proto in supported:
-            return proto
-    return None
-
-
-async def accept_websocket_tunnel(request: web.Request, protocol: str, *, limit: int = DEFAULT_STREAM_LIMIT,
-                                  max_frame: int = websocket.DEFAULT_MAX_FRAME) -> tuple[PushSource, ByteWriter]:
-    """Complete a WebSocket handshake for ``protocol`` (a byte stream in binary messages, e.g.
-    ``SPDY/3.1+portforward.k8s.io``) and take the connection over: the reader pushes each binary payload as its
-    frame arrives (a :class:`SpdySession` over it parses them at once), the writer sends binary messages. Raises
-    ValueError (answer 400) when the request is not a valid version-13 WebSocket handshake. The aiohttp handler
-    then returns ``request[kplane.httpupgrade.UPGRADE_RESPONSE]`` once the session is over."""
-    if request.method != "GET":
-        raise ValueError("a WebSocket handshake is a GET")
-    if "upgrade" not in ",".join(_header_values(request.headers, "Connection")).lower():
-        raise ValueError("missing Connection: Upgrade")
-    if request.headers.get("Sec-WebSocket-Version", "").strip() != "13":
-        raise ValueError("Sec-WebSocket-Version must be 13")
-    accept = websocket.accept_key(request.headers.get("Sec-WebSocket-Key", ""))
-    source = _WsTunnelSource(max(1, limit // 2), max_frame)
-    _resp, reader, raw = await hijack_push(request, {
-        "Upgrade": "websocket", "Connection": "upgrade", "Sec-WebSocket-Accept": accept,
-        "Sec-WebSocket-Protocol": protocol}, source=source)
-    tunnel = _WsTunnel(raw)
-    source.tunnel = tunnel
-    return reader, tunnel
