@@ -25,6 +25,7 @@ from kplane.tunnel.httpconnect import (
     parse_response,
     status_for_dial_error,
 )
+from kplane.tunnel.outbox import DataBatch, Outbox
 from kplane.tunnel.packets import AddressPolicy, AgentIdentifiers, PacketType
 
 # --------------------------------------------------------------------------------------------------
@@ -150,6 +151,192 @@ def test_arbitrary_bytes_never_raise_anything_but_packet_error(wire: bytes) -> N
 def test_data_round_trip(cid: int, payload: bytes, err: str) -> None:
     p = P.data(cid, payload, err)
     assert P.decode(P.encode(p)) == p
+
+
+# --------------------------------------------------------------------------------------------------
+# DATA without protobuf objects (encode_data / parse_data) and the outbox that batches it
+# --------------------------------------------------------------------------------------------------
+
+
+def test_encode_data_matches_the_fixture_and_protobuf() -> None:
+    assert P.encode_data(7, [b"hel", b"lo"]) == b"\x08\x04" + b"\x22\x09" + b"\x08\x07" + b"\x1a\x05hello"
+    assert P.encode_data(0, []) == b"\x08\x04\x22\x00" == P.encode(P.data(0, b""))  # zero fields are left out
+    assert P.encode_data(0, [b"x"]) == b"\x08\x04\x22\x03\x1a\x01x" == P.encode(P.data(0, b"x"))
+    assert P.encode_data(5, [b""]) == P.encode(P.data(5, b""))
+    # int64 edges: a negative connectID is ten varint bytes; lengths past one varint byte
+    for cid in (1, 127, 128, 2**63 - 1, -1, -(2**63)):
+        for size in (127, 128, 16383, 16384, 300_000):
+            payload = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
+            assert P.encode_data(cid, [payload[:100], memoryview(payload)[100:]]) == P.encode(P.data(cid, payload))
+
+
+@given(st.integers(-(2**63), 2**63 - 1), st.lists(st.binary(max_size=300), max_size=5))
+def test_encode_data_is_what_protobuf_writes(cid: int, chunks: list[bytes]) -> None:
+    wire = P.encode_data(cid, chunks)
+    assert wire == P.encode(P.data(cid, b"".join(chunks)))
+    got = P.parse_data(wire)
+    assert got is not None
+    assert got[0] == cid and bytes(got[1]) == b"".join(chunks)
+
+
+def test_parse_data_returns_a_view_not_a_copy() -> None:
+    wire = P.encode_data(9, [b"a" * 1000])
+    got = P.parse_data(wire)
+    assert got is not None
+    cid, payload = got
+    assert cid == 9 and isinstance(payload, memoryview) and payload.obj is wire and payload == b"a" * 1000
+
+
+DATA_7_HELLO = b"\x08\x07\x1a\x05hello"
+
+
+@pytest.mark.parametrize(("wire", "why"), [
+    (b"\x08\x04\x22\x10" + DATA_7_HELLO + b"\x12\x05oops!", "error field set"),
+    (b"\x08\x04\x22\x09" + b"\x1a\x05hello" + b"\x08\x07", "fields in another order"),
+    (b"\x08\x04\x22\x09" + DATA_7_HELLO + b"\x48\x02", "an unknown field after the payload"),
+    (b"\x22\x09" + DATA_7_HELLO + b"\x08\x04", "type written after the payload"),
+    (b"\x08\x04\x22\x0b" + DATA_7_HELLO + b"\x28\x01", "an unknown field inside Data"),
+    (b"\x08\x04\x22\x09" + DATA_7_HELLO + b"\x22\x02\x08\x08", "a second data field (protobuf merges them)"),
+])
+def test_parse_data_leaves_other_valid_encodings_to_protobuf(wire: bytes, why: str) -> None:
+    assert P.parse_data(wire) is None, why
+    p = P.decode(wire)  # the fallback still reads them
+    P.check(p)
+    assert p.type == PacketType.DATA
+
+
+def test_parse_data_reads_non_minimal_varints_as_protobuf_does() -> None:
+    wire = b"\x08\x04\x22\x8a\x00" + b"\x08\x87\x00" + b"\x1a\x05hello"
+    got = P.parse_data(wire)
+    assert got is not None and got[0] == 7 and got[1] == b"hello"
+    assert P.decode(wire) == P.data(7, b"hello")
+
+
+@pytest.mark.parametrize("wire", [
+    b"", b"\x08", b"\x08\x04", b"\x08\x04\x22", b"\x08\x04\x22\x0a" + DATA_7_HELLO,  # truncated
+    b"\x08\x04\x22\x08" + DATA_7_HELLO,  # the payload runs past Data's length
+    b"\x08\x04\x22\x09\x08\x07\x1a\x06hello",  # the data length runs past the end
+    b"\x08\x04\x22\x0c\x08" + b"\xff" * 10 + b"\x01",  # a varint longer than 64 bits
+    b"\x08\x04\x22" + b"\x80" * 11,  # a length that never ends
+    b"\x08\x02\x2a\x02\x08\x07",  # CLOSE_REQ
+    b"\x08\x05\x22\x09" + DATA_7_HELLO,  # DIAL_CLS type with a data payload
+])
+def test_parse_data_refuses_what_is_not_a_plain_data_packet(wire: bytes) -> None:
+    assert P.parse_data(wire) is None
+
+
+@given(st.binary(max_size=64))
+def test_parse_data_agrees_with_protobuf_whenever_it_answers(wire: bytes) -> None:
+    got = P.parse_data(wire)
+    if got is None:
+        return
+    p = P.decode(wire)
+    assert p.type == PacketType.DATA and p.data.connectID == got[0] and p.data.data == bytes(got[1])
+    assert not p.data.error
+
+
+@given(st.integers(-(2**63), 2**63 - 1), st.binary(max_size=40), st.binary(min_size=1, max_size=8))
+def test_parse_data_agrees_with_protobuf_on_damaged_packets(cid: int, payload: bytes, junk: bytes) -> None:
+    wire = P.encode_data(cid, [payload])
+    for bad in (wire + junk, wire[: len(wire) - 1], junk + wire, wire[:3] + junk + wire[3:]):
+        got = P.parse_data(bad)
+        if got is not None:
+            p = P.decode(bad)
+            assert (p.type, p.data.connectID, p.data.data) == (PacketType.DATA, got[0], bytes(got[1]))
+
+
+def _drain(box: Outbox) -> list[Any]:
+    """What the writer would send, decoded: control packets as they are, DATA as (cid, payload)."""
+    out: list[Any] = []
+    while box:
+        item = box.pop()
+        if isinstance(item, DataBatch):
+            wire = item.encode()
+            p = P.decode(wire)  # protobuf reads what we wrote
+            assert p.type == PacketType.DATA and len(p.data.data) == item.size
+            out.append((p.data.connectID, p.data.data))
+        else:
+            out.append(item)
+    return out
+
+
+def test_outbox_merges_data_queued_back_to_back_for_one_connection() -> None:
+    box = Outbox(max_data=10)
+    box.put_data(1, b"abc")
+    box.put_data(1, memoryview(b"defg"))
+    box.put_data(1, b"hij")
+    assert len(box) == 1 and box.bytes == 10
+    assert _drain(box) == [(1, b"abcdefghij")]
+    assert box.bytes == 0
+
+
+def test_outbox_never_reorders_across_control_packets_or_connections() -> None:
+    box = Outbox(max_data=100)
+    box.put_data(1, b"a1")
+    box.put_data(2, b"b1")
+    box.put_data(1, b"a2")  # not merged into the first: b1 sits between them
+    box.put(P.close_request(1))
+    box.put_data(1, b"a3")  # not merged across the control packet
+    box.put_data(1, b"a4")
+    assert _drain(box) == [(1, b"a1"), (2, b"b1"), (1, b"a2"), P.close_request(1), (1, b"a3a4")]
+
+
+def test_outbox_splits_at_max_data_after_filling_the_last_batch() -> None:
+    box = Outbox(max_data=4)
+    box.put_data(3, b"xy")
+    box.put_data(3, b"0123456789")  # fills "xy01", then "2345", "6789"
+    box.put_data(3, b"!")
+    assert _drain(box) == [(3, b"xy01"), (3, b"2345"), (3, b"6789"), (3, b"!")]
+    box.put_data(4, b"abcdefghi")  # into an empty box: "abcd", "efgh", "i"
+    assert _drain(box) == [(4, b"abcd"), (4, b"efgh"), (4, b"i")]
+
+
+def test_outbox_popped_batches_do_not_grow_and_empty_data_is_nothing() -> None:
+    box = Outbox(max_data=8)
+    box.put_data(1, b"abc")
+    first = box.pop()
+    box.put_data(1, b"def")  # the writer holds the first batch: a new one
+    assert isinstance(first, DataBatch) and first.size == 3 and P.parse_data(first.encode()) == (1, b"abc")
+    box.put_data(2, b"")
+    box.put_data(1, b"g")
+    assert _drain(box) == [(1, b"defg")]
+    box.put_data(1, b"")
+    assert not box
+    with pytest.raises(ValueError):
+        Outbox(max_data=0)
+    with pytest.raises(IndexError):
+        box.pop()
+
+
+@given(st.integers(1, 64), st.lists(st.one_of(
+    st.tuples(st.sampled_from([1, 2, 3]), st.binary(max_size=150)),
+    st.sampled_from([P.drain(), P.close_request(2)]))))
+def test_outbox_sends_every_byte_in_order_within_the_size_limit(max_data: int, ops: list[Any]) -> None:
+    box = Outbox(max_data=max_data)
+    for op in ops:
+        if isinstance(op, tuple):
+            box.put_data(*op)
+        else:
+            box.put(op)
+    assert box.bytes == sum(len(op[1]) for op in ops if isinstance(op, tuple))
+    sent = _drain(box)
+    assert all(len(x[1]) <= max_data for x in sent if isinstance(x, tuple))
+
+    def canon(events: list[Any]) -> list[Any]:
+        """Empty DATA dropped, adjacent DATA for one connection joined: what the peer can tell apart."""
+        out: list[Any] = []
+        for e in events:
+            if isinstance(e, tuple):
+                if not e[1]:
+                    continue
+                if out and isinstance(out[-1], tuple) and out[-1][0] == e[0]:
+                    out[-1] = (e[0], out[-1][1] + e[1])
+                    continue
+            out.append(e)
+        return out
+
+    assert canon(sent) == canon(ops)
+    assert all(x[1] for x in sent if isinstance(x, tuple))  # no empty packets
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode
 
@@ -128,6 +128,76 @@ def dial_response(random: int, connect_id: int = 0, error: str = "") -> Packet:
 
 def data(connect_id: int, payload: bytes, error: str = "") -> Packet:
     return Packet(type=pb.DATA, data=pb.Data(connectID=connect_id, error=error, data=payload))
+
+
+# --------------------------------------------------------------------------------------------------
+# DATA without the protobuf runtime: the byte-moving path encodes and parses its packets directly
+# --------------------------------------------------------------------------------------------------
+
+# type = DATA (field 1, varint 4), then the data payload (field 4, length-delimited)
+_DATA_HEAD = b"\x08\x04\x22"
+_U64 = (1 << 64) - 1
+
+
+def _varint(n: int) -> bytes:
+    """Protobuf varint of ``n`` (an int64: a negative value is its 64-bit two's complement, ten bytes)."""
+    n &= _U64
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def encode_data(connect_id: int, chunks: Sequence[bytes | memoryview]) -> bytes:
+    """The wire bytes of ``DATA{connectID, data = the chunks joined}``, exactly what protobuf writes for
+    :func:`data` (fields in number order, zero and empty fields left out), with one copy of the payload."""
+    size = sum(len(c) for c in chunks)
+    inner = b"\x08" + _varint(connect_id) if connect_id else b""
+    if size:
+        inner += b"\x1a" + _varint(size)
+    return b"".join((_DATA_HEAD, _varint(len(inner) + size), inner, *chunks))
+
+
+def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    """(value, next position); (-1, pos) when ``buf[pos:end]`` does not start with a varint of at most 64 bits."""
+    value = shift = 0
+    while pos < end and shift < 64:
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return (value, pos) if value <= _U64 else (-1, pos)
+        shift += 7
+    return -1, pos
+
+
+def parse_data(msg: bytes) -> tuple[int, memoryview] | None:
+    """``(connectID, payload)`` if ``msg`` is a DATA packet in the layout protobuf writes (type, then
+    ``data{connectID, data}``, nothing else); the payload is a view into ``msg``, not a copy. None for anything
+    else, including other valid encodings of a DATA packet: those go through :func:`decode`."""
+    end = len(msg)
+    if msg[:3] != _DATA_HEAD:
+        return None
+    n, pos = _read_varint(msg, 3, end)
+    if n < 0 or pos + n != end:
+        return None
+    cid = 0
+    if pos < end and msg[pos] == 0x08:
+        cid, pos = _read_varint(msg, pos + 1, end)
+        if cid < 0:
+            return None
+        if cid >= 1 << 63:
+            cid -= 1 << 64
+    if pos == end:
+        return cid, memoryview(b"")
+    if msg[pos] != 0x1A:
+        return None
+    n, pos = _read_varint(msg, pos + 1, end)
+    if n < 0 or pos + n != end:
+        return None
+    return cid, memoryview(msg)[pos:end]
 
 
 def close_request(connect_id: int) -> Packet:
