@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 
 import pytest
@@ -230,6 +231,40 @@ def test_incremental_any_split(cuts: list[int]) -> None:
         pos += c
     got += srv.receive_data(raw[pos:])
     assert got == whole
+
+
+def test_data_frames_split_as_a_websocket_tunnel_splits_them() -> None:
+    """kubectl's WebSocket tunnel sends each DATA frame as three messages (4 + 4 header bytes, then the payload),
+    so the parser sees a header alone, then the whole payload, or a payload cut anywhere: same events each way."""
+    c = SpdyConnection(server=False)
+    sid = c.syn_stream({"streamType": "data"})
+    srv = SpdyConnection(server=True)
+    srv.receive_data(c.data_to_send())
+    srv.syn_reply(sid)
+    payloads = [os.urandom(n) for n in (0, 1, 7, 8, 9, 32768, 70000)]
+    for p in payloads:
+        c.data(sid, p)
+    raw = c.data_to_send()
+    got: list[spdy.Event] = []
+    pos = 0
+    for p in payloads:
+        for piece in (raw[pos:pos + 4], raw[pos + 4:pos + 8], raw[pos + 8:pos + 8 + len(p)]):
+            got += srv.receive_data(piece)
+        pos += 8 + len(p)
+    assert [e.data for e in got if isinstance(e, spdy.Data)] == payloads
+    # and a header with only part of its payload, then the rest
+    for p in payloads:
+        c.data(sid, p)
+    raw = c.data_to_send()
+    got = []
+    pos = 0
+    for p in payloads:
+        cut = pos + 8 + len(p) // 2
+        got += srv.receive_data(raw[pos:pos + 8])
+        got += srv.receive_data(raw[pos + 8:cut])
+        got += srv.receive_data(raw[cut:pos + 8 + len(p)])
+        pos += 8 + len(p)
+    assert [e.data for e in got if isinstance(e, spdy.Data)] == payloads
 
 
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])

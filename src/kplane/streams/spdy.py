@@ -330,12 +330,17 @@ class SpdyConnection:
                         if len(inbuf) < 8:
                             return events
                     word, flags_len = _HDR.unpack_from(inbuf, 0)
-                    take = min(8 + (flags_len & 0xFFFFFF) - len(inbuf), end - pos)
-                    inbuf += view[pos:pos + take]
-                    pos += take
-                    if len(inbuf) < 8 + (flags_len & 0xFFFFFF):
-                        return events
-                    payload = bytes(inbuf[8:])
+                    length = flags_len & 0xFFFFFF
+                    if len(inbuf) == 8 and end - pos >= length:  # only the header waited: payload straight from data
+                        payload = bytes(view[pos:pos + length])
+                        pos += length
+                    else:
+                        take = min(8 + length - len(inbuf), end - pos)
+                        inbuf += view[pos:pos + take]
+                        pos += take
+                        if len(inbuf) < 8 + length:
+                            return events
+                        payload = bytes(inbuf[8:])
                     inbuf.clear()
                     ev = self._frame(word, flags_len >> 24, payload)
                     if ev is not None:
