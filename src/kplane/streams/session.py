@@ -443,7 +443,8 @@ class SpdySession:
                     break
                 if not self._receive(data):
                     break
-                await self._wait_stalled()
+                if any(st._gate.paused for st in self.streams.values()):
+                    await self._wait_stalled()
         finally:
             self._teardown()
 
@@ -454,9 +455,10 @@ class SpdySession:
         except SpdyProtocolError as e:
             log.info("SPDY protocol error from peer: %s", e)
             return False
-        for ev in events:
-            self._dispatch(ev)
-        self.flush()
+        if events:
+            for ev in events:
+                self._dispatch(ev)
+            self.flush()
         return True
 
     async def _run_pushed(self, source: PushSource) -> None:
