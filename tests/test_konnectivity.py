@@ -33,6 +33,8 @@ from kplane.tunnel.agent import KonnectivityAgent
 from kplane.tunnel.auth import NodeAgentAuthorizer
 from kplane.tunnel.client import TunnelDialError, dial_grpc, dial_http_connect
 from kplane.tunnel.clientset import Backoff
+from kplane.tunnel.httpconnect import ESTABLISHED
+from kplane.tunnel.outbox import MAX_DATA
 from kplane.tunnel.packets import PacketType
 from kplane.tunnel.server import KonnectivityServer
 
@@ -728,6 +730,94 @@ async def test_upstream_style_agent_end_to_end(certs: Certs, sockdir: Path, stac
         w.close()
 
 
+async def test_large_data_packets_reach_an_upstream_style_agent_within_the_size_limit(
+        certs: Certs, sockdir: Path, stack: contextlib.AsyncExitStack) -> None:
+    """A socket read becomes one DATA packet (not 64 KiB pieces), none larger than MAX_DATA, and protobuf on the
+    agent's side reads what the server encoded by hand, every byte in order."""
+    server = await start_server(stack, certs, sockdir, "http-connect")
+    async with manual_agent(certs, server) as call:
+        async with asyncio.timeout(10):
+            await until(lambda: server.core.ready)
+        dialing = asyncio.create_task(dial_http_connect(server.uds_path, "127.0.0.1", 4242))
+        req = await call.read()
+        await call.write(P.dial_response(req.dialRequest.random, connect_id=9))
+        _r, w = await asyncio.open_connection(sock=await dialing)
+        payload = os.urandom(3 << 20)
+        w.write(payload)
+        got = bytearray()
+        sizes = []
+        async with asyncio.timeout(30):
+            while len(got) < len(payload):
+                pkt = await call.read()
+                assert pkt.type == PacketType.DATA and pkt.data.connectID == 9
+                sizes.append(len(pkt.data.data))
+                got += pkt.data.data
+        assert bytes(got) == payload
+        assert 64 << 10 < max(sizes) <= MAX_DATA
+        w.close()
+
+
+async def test_data_in_other_valid_encodings_is_delivered(certs: Certs, sockdir: Path,
+                                                          stack: contextlib.AsyncExitStack) -> None:
+    """A peer's protobuf library may order fields differently or add fields: such DATA takes the slow path
+    (protobuf) and arrives all the same; a message that is no packet at all is counted and ignored."""
+    server = await start_server(stack, certs, sockdir, "http-connect")
+    async with raw_channel(certs, server) as ch:
+        call = ch.stream_stream("/AgentService/Connect")(  # bytes in, bytes out
+            metadata=[("agentid", "n1"), ("agentidentifiers", "ipv4=127.0.0.1")])
+        async with asyncio.timeout(10):
+            await until(lambda: server.core.ready)
+        dialing = asyncio.create_task(dial_http_connect(server.uds_path, "127.0.0.1", 4242))
+        req = P.decode(await call.read())
+        await call.write(P.encode(P.dial_response(req.dialRequest.random, connect_id=9)))
+        r, w = await asyncio.open_connection(sock=await dialing)
+        await call.write(b"\x08\x04\x22\x09" + b"\x1a\x05hello" + b"\x08\x09")  # data before connectID
+        await call.write(b"\xff\xff")  # not a packet
+        await call.write(b"\x22\x0b" + b"\x08\x09\x1a\x05 over" + b"\x28\x01" + b"\x08\x04")  # type last
+        await call.write(b"\x08\x04\x22\x10" + b"\x08\x09\x1a\x05 here" + b"\x12\x05fine.")  # error field
+        async with asyncio.timeout(10):
+            assert await r.readexactly(15) == b"hello over here"
+        assert server.core.stats["agent_bad_packet"] == 1
+        w.close()
+        call.cancel()
+
+
+@pytest.mark.parametrize("window", [True, False], ids=["kplane-window", "upstream-credit"])
+@pytest.mark.parametrize("mode", MODES)
+async def test_target_that_sends_then_closes_delivers_every_byte(certs: Certs, sockdir: Path,
+                                                                 stack: contextlib.AsyncExitStack, mode: str,
+                                                                 window: bool) -> None:
+    """The target writes far more than one window and closes at once: its EOF waits behind the bytes still
+    held for lack of credit, and every byte arrives before the tunnel closes."""
+    payload = os.urandom(12 << 20)
+
+    async def blurt(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(payload)
+        await w.drain()
+
+    target = await tcp_server(stack, blurt)
+    server = await start_server(stack, certs, sockdir, mode)
+    await start_agent(stack, certs, [server], **({} if window else {"window": None}))
+    r, w = await open_tunnel(server, "127.0.0.1", target.port)
+    async with asyncio.timeout(60):
+        got = await r.read(-1)
+    assert len(got) == len(payload) and hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+    w.close()
+
+
+async def test_bytes_sent_right_behind_the_connect_head_are_delivered(certs: Certs, sockdir: Path,
+                                                                       stack: contextlib.AsyncExitStack) -> None:
+    echo = await tcp_server(stack, _echo)
+    server = await start_server(stack, certs, sockdir, "http-connect")
+    await start_agent(stack, certs, [server])
+    r, w = await asyncio.open_unix_connection(server.uds_path)
+    w.write(f"CONNECT 127.0.0.1:{echo.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode() + b"early bytes")
+    async with asyncio.timeout(10):
+        assert await r.readuntil(b"\r\n\r\n") == ESTABLISHED
+        assert await r.readexactly(11) == b"early bytes"
+    w.close()
+
+
 async def test_pending_dial_fails_fast_when_its_agent_drops(certs: Certs, sockdir: Path,
                                                             stack: contextlib.AsyncExitStack) -> None:
     server = await start_server(stack, certs, sockdir, "http-connect", dial_timeout=60)
@@ -844,6 +934,8 @@ AGENT_IN_NETNS = """
 import asyncio, sys
 from kplane.tunnel.agent import KonnectivityAgent
 from kplane.tunnel.clientset import Backoff
+from kplane.tunnel.httpconnect import ESTABLISHED
+from kplane.tunnel.outbox import MAX_DATA
 
 async def echo(r, w):
     while data := await r.read(65536):

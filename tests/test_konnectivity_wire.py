@@ -585,6 +585,9 @@ class FakeLink:
     def send(self, packet: pb.Packet) -> None:
         self.sent.append(packet)
 
+    def send_data(self, cid: int, payload: bytes | memoryview) -> None:
+        self.sent.append(P.data(cid, bytes(payload)))
+
     def close(self, reason: str) -> None:
         self.closed = reason
 
@@ -855,7 +858,7 @@ def test_core_unwindowed_agent_gets_local_credit_and_a_buffer_limit() -> None:
     n = core.frontend_data(f, 1, b"x" * (2 << 20))
     assert 0 < n < (2 << 20)
     (pkt,) = alink.take()
-    core.agent_sent(agent, pkt)  # written to gRPC: credit back
+    core.agent_sent_data(agent, pkt.data.connectID, len(pkt.data.data))  # written to gRPC: credit back
     assert core.frontend_data(f, 1, b"x") == 1
     core.from_agent(agent, P.data(3, b"y" * 100))
     core.from_agent(agent, P.data(3, b"y"))  # the frontend is not reading: over the limit

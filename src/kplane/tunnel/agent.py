@@ -9,11 +9,15 @@ exponential back-off).
 On each stream it answers ``DIAL_REQ`` by connecting to the target (only destinations its
 :class:`~kplane.tunnel.packets.AddressPolicy` allows; 5 s timeout), then pumps bytes:
 
-- the receive loop never awaits anything but the next packet: ``DATA`` is appended to that connection's
-  buffer, whose size per-connection flow control bounds (:mod:`kplane.tunnel.flow`), and a per-connection
-  writer task drains it to the socket. A target that stops reading therefore stalls only its own connection.
-- a per-connection reader task reads the target only while it holds send credit, so one busy connection
-  cannot fill the shared stream's queue either.
+- the receive loop never awaits anything but the next packet: ``DATA`` is written to that connection's
+  transport at once, whose buffer per-connection flow control bounds (:mod:`kplane.tunnel.flow`). A target
+  that stops reading therefore stalls only its own connection.
+- the target is read only while the connection holds send credit (its transport's reading is paused
+  otherwise), so one busy connection cannot fill the shared stream's queue either.
+- each connection is driven by its transport's callbacks (no task per connection); the stream has one writer,
+  whose :class:`~kplane.tunnel.outbox.Outbox` turns DATA queued back to back for one connection into one
+  packet. Packets travel as bytes: DATA is encoded and taken apart by :mod:`kplane.tunnel.packets` directly,
+  without protobuf objects or extra copies.
 
 ``CLOSE_REQ`` closes a connection (after flushing what it already received), ``DIAL_CLS`` cancels a dial in
 progress (or closes the connection it produced), and :meth:`KonnectivityAgent.drain` sends ``DRAIN`` on every
@@ -28,18 +32,15 @@ import itertools
 import logging
 import os
 import time
-from collections import deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from kplane.tunnel import konnectivity_pb2_grpc as pb_grpc
 from kplane.tunnel import packets as P
 from kplane.tunnel.clientset import Backoff, ClientSetPlanner
 from kplane.tunnel.flow import (
-    CHUNK,
     DEFAULT_BUFFER_LIMIT,
     DEFAULT_WINDOW,
     FlowControlError,
@@ -47,6 +48,7 @@ from kplane.tunnel.flow import (
     SendCredit,
     parse_window,
 )
+from kplane.tunnel.outbox import DataBatch, Outbox
 from kplane.tunnel.packets import AddressPolicy, AgentIdentifiers, Packet, PacketType
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE = 4 << 20 | 1024
 LOCAL_CREDIT = 256 << 10  # in-flight bytes per connection toward a server that does not do windows
 MAX_PENDING_DIALS = 256
+CONNECT_METHOD = "/AgentService/Connect"
 FLUSH_ON_CLOSE = 5.0
 
 
@@ -61,41 +64,85 @@ class ConnectError(Exception):
     """A server could not be connected to (or refused us)."""
 
 
-class _Endpoint:
-    """One tunnelled TCP connection on the agent side."""
+class _Endpoint(asyncio.Protocol):
+    """One tunnelled TCP connection on the agent side, driven by the target socket's callbacks (no tasks).
 
-    def __init__(self, session: _Session, cid: int, random: int, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
+    target → server: each read goes out as DATA as far as the connection's send credit allows; the rest waits
+    here with reading paused until credit comes back. server → target: DATA is written to the transport at once
+    (never awaiting, so the stream's receive loop never blocks); bytes count as consumed, earning the server
+    more credit, once the transport has handed them to the kernel (the high-water mark is 0, so the write-buffer
+    callbacks say when)."""
+
+    def __init__(self, session: _Session, random: int) -> None:
         self.session = session
-        self.cid = cid
+        self.cid = 0  # assigned by start(), once the DIAL_RSP is queued
         self.random = random
-        self.reader = reader
-        self.writer = writer
         negotiated = session.peer_window is not None
         self.credit = (SendCredit(session.peer_window, ceiling=session.peer_window * 4)
                        if session.peer_window is not None else SendCredit(LOCAL_CREDIT, ceiling=LOCAL_CREDIT))
         self.recv = ReceiveBuffer(window=session.agent.window if negotiated else None,
                                   limit=session.agent.buffer_limit)
-        self.out: deque[bytes] = deque()
-        self.out_ready = asyncio.Event()
-        self.credit_ready = asyncio.Event()
+        self.transport: asyncio.Transport | None = None
+        self.pending: bytes | memoryview = b""
+        self.eof = False
         self.closing = False
-        self.tasks: list[asyncio.Task[None]] = []
+        self.written = 0
+        self.accounted = 0
+        self.kill: asyncio.TimerHandle | None = None
 
-    def start(self) -> None:
-        self.tasks = [asyncio.create_task(self._pump_in()), asyncio.create_task(self._pump_out())]
+    # ------------------------------------------------------------------ asyncio.Protocol
 
-    # called from the receive loop: never await
-    def on_data(self, payload: bytes) -> None:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=0)
+        transport.pause_reading()  # until start()
+
+    def data_received(self, data: bytes) -> None:
         if self.closing:
+            return
+        self.pending = bytes(self.pending) + data if self.pending else data
+        self._send_up()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._send_up()
+        return True  # we close it ourselves (after flushing what is buffered for the target)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.kill is not None:
+            self.kill.cancel()
+            self.kill = None
+        if not self.closing and self.cid:
+            self.session.close_endpoint(self, error=f"connection to the target failed: {exc}" if exc else "")
+        self.closing = True
+        self.eof = True
+
+    def resume_writing(self) -> None:
+        self._account()
+
+    # ------------------------------------------------------------------ called by the session
+
+    def start(self, cid: int) -> None:
+        self.cid = cid
+        if self.eof and not self.pending and self.transport is not None and self.transport.is_closing():
+            self.session.close_endpoint(self)  # the target hung up before we even answered the dial
+            return
+        self._send_up()
+
+    def on_data(self, payload: bytes | memoryview) -> None:
+        """DATA from the server (from the receive loop: never awaits)."""
+        t = self.transport
+        if self.closing or t is None:
             return
         try:
             self.recv.received(len(payload))
         except FlowControlError as e:
             self.session.close_endpoint(self, error=str(e))
             return
-        self.out.append(payload)
-        self.out_ready.set()
+        t.write(payload)
+        self.written += len(payload)
+        self._account()
 
     def on_credit(self, n: int) -> None:
         try:
@@ -103,70 +150,58 @@ class _Endpoint:
         except FlowControlError as e:
             self.session.close_endpoint(self, error=str(e))
             return
-        self.credit_ready.set()
+        if self.pending or self.eof:
+            self._send_up()
 
-    async def _pump_in(self) -> None:
-        """target → server, only with credit."""
-        try:
-            while True:
-                while self.credit.available <= 0:
-                    self.credit_ready.clear()
-                    await self.credit_ready.wait()
-                chunk = await self.reader.read(min(CHUNK, self.credit.available))
-                if not chunk:
-                    break
-                self.credit.take(len(chunk))
-                self.session.send(P.data(self.cid, chunk))
-        except (ConnectionError, OSError):
-            pass
-        # the target closed (or failed): tell the server, unsolicited CLOSE_RSP as upstream does
-        self.session.close_endpoint(self)
-
-    async def _pump_out(self) -> None:
-        """server → target, as fast as the target reads."""
-        try:
-            while True:
-                while not self.out:
-                    if self.closing:
-                        return
-                    self.out_ready.clear()
-                    await self.out_ready.wait()
-                chunk = self.out.popleft()
-                self.writer.write(chunk)
-                await self.writer.drain()
-                grant = self.recv.consumed(len(chunk))
-                if grant and not self.closing:
-                    self.session.send(P.window_update(self.cid, grant))
-        except (ConnectionError, OSError):
-            if not self.closing:
-                self.session.close_endpoint(self, error="write to the target failed")
-        finally:
-            if self.closing:
-                self.writer.close()
-
-    def shutdown(self, *, flush: bool) -> None:
-        """Stop reading the target; with ``flush`` deliver what was already received, then close."""
+    def shutdown(self) -> None:
+        """Stop reading the target and close it once what it was already sent is written (bounded in time)."""
         self.closing = True
-        self.out_ready.set()
-        current = asyncio.current_task()
-        if self.tasks and self.tasks[0] is not current:
-            self.tasks[0].cancel()
-        if not flush or not self.out:
-            if self.tasks and self.tasks[1] is not current:
-                self.tasks[1].cancel()
-            self.writer.close()
+        self.pending = b""
+        t = self.transport
+        if t is None or t.is_closing():
             return
-        # let _pump_out drain the remainder, bounded in time
-        asyncio.get_running_loop().call_later(FLUSH_ON_CLOSE, self._kill)
+        t.close()
+        if t.get_write_buffer_size():
+            self.kill = asyncio.get_running_loop().call_later(FLUSH_ON_CLOSE, t.abort)
 
-    def _kill(self) -> None:
-        for t in self.tasks:
-            t.cancel()
-        self.writer.close()
+    # ------------------------------------------------------------------ internals
+
+    def _send_up(self) -> None:
+        t = self.transport
+        if not self.cid or self.closing or t is None:
+            return
+        p = self.pending
+        while p:
+            n = self.credit.take(len(p))
+            if not n:
+                self.pending = p
+                t.pause_reading()
+                return
+            self.session.send_data(self.cid, p if n == len(p) else memoryview(p)[:n])
+            p = memoryview(p)[n:] if n < len(p) else b""
+        self.pending = b""
+        if self.eof:
+            # the target closed (or failed): tell the server, unsolicited CLOSE_RSP as upstream does
+            self.session.close_endpoint(self)
+        else:
+            t.resume_reading()
+
+    def _account(self) -> None:
+        t = self.transport
+        if t is None:
+            return
+        done = self.written - t.get_write_buffer_size()
+        n = done - self.accounted
+        if n > 0:
+            self.accounted = done
+            grant = self.recv.consumed(n)
+            if grant and not self.closing:
+                self.session.send(P.window_update(self.cid, grant))
 
 
 class _Session:
-    """One Connect stream to one server."""
+    """One Connect stream to one server (raw bytes on the wire: DATA is encoded and taken apart without
+    protobuf objects, see :func:`kplane.tunnel.packets.parse_data`)."""
 
     def __init__(self, agent: KonnectivityAgent, address: str, channel: grpc.aio.Channel, call: Any,
                  server_id: str, server_count: int, peer_window: int | None) -> None:
@@ -177,7 +212,8 @@ class _Session:
         self.server_id = server_id
         self.server_count = server_count
         self.peer_window = peer_window
-        self.queue: asyncio.Queue[Packet] = asyncio.Queue()
+        self.outbox = Outbox()
+        self.ready = asyncio.Event()
         self.conns: dict[int, _Endpoint] = {}
         self.dials: dict[int, asyncio.Task[None]] = {}
         self.dialed: dict[int, int] = {}  # random -> cid, for a DIAL_CLS that arrives after the dial completed
@@ -186,7 +222,13 @@ class _Session:
 
     def send(self, packet: Packet) -> None:
         if not self.closed:
-            self.queue.put_nowait(packet)
+            self.outbox.put(packet)
+            self.ready.set()
+
+    def send_data(self, cid: int, payload: bytes | memoryview) -> None:
+        if not self.closed:
+            self.outbox.put_data(cid, payload)
+            self.ready.set()
 
     async def run(self) -> None:
         reader = asyncio.create_task(self._read())
@@ -209,26 +251,49 @@ class _Session:
         for t in self.dials.values():
             t.cancel()
         for ep in list(self.conns.values()):
-            ep.shutdown(flush=False)
+            ep.shutdown()
         self.conns.clear()
         self.call.cancel()
         await self.channel.close(grace=None)
 
     async def _read(self) -> None:
         while True:
-            pkt = await self.call.read()
-            if pkt is grpc.aio.EOF:
+            msg = await self.call.read()
+            if msg is grpc.aio.EOF:
                 return
+            d = P.parse_data(msg)
+            if d is not None:
+                self.on_data(d[0], d[1])
+                continue
+            try:
+                pkt = P.decode(msg)
+            except P.PacketError as e:
+                log.debug("konnectivity agent: ignoring bad packet: %s", e)
+                continue
             self.handle(pkt)
 
     async def _write(self) -> None:
+        outbox = self.outbox
         while True:
-            pkt = await self.queue.get()
-            await self.call.write(pkt)
-            if self.peer_window is None and pkt.type == PacketType.DATA:
-                ep = self.conns.get(pkt.data.connectID)
-                if ep is not None:
-                    ep.on_credit(len(pkt.data.data))
+            while not outbox:
+                self.ready.clear()
+                await self.ready.wait()
+            item = outbox.pop()
+            if isinstance(item, DataBatch):
+                await self.call.write(item.encode())
+                if self.peer_window is None and item.size:
+                    ep = self.conns.get(item.connect_id)
+                    if ep is not None:
+                        ep.on_credit(item.size)
+            else:
+                await self.call.write(P.encode(item))
+
+    def on_data(self, cid: int, payload: bytes | memoryview) -> None:
+        ep = self.conns.get(cid)
+        if ep is None:
+            self.send(P.close_response(cid, "unrecognized connectID"))
+        else:
+            ep.on_data(payload)
 
     def handle(self, pkt: Packet) -> None:
         """One packet from the server. Never awaits."""
@@ -247,11 +312,7 @@ class _Session:
             else:
                 self.dials[r.random] = asyncio.create_task(self._dial(r.random, r.protocol, r.address))
         elif t == PacketType.DATA:
-            ep = self.conns.get(pkt.data.connectID)
-            if ep is None:
-                self.send(P.close_response(pkt.data.connectID, "unrecognized connectID"))
-            else:
-                ep.on_data(pkt.data.data)
+            self.on_data(pkt.data.connectID, pkt.data.data)
         elif t == PacketType.CLOSE_REQ:
             cid = pkt.closeRequest.connectID
             ep = self.conns.get(cid)
@@ -259,7 +320,7 @@ class _Session:
                 self.send(P.close_response(cid, "Unknown connectID"))
             else:
                 self._forget(ep)
-                ep.shutdown(flush=True)
+                ep.shutdown()
                 self.send(P.close_response(cid))
         elif t == PacketType.DIAL_CLS:
             rnd = pkt.closeDial.random
@@ -285,7 +346,7 @@ class _Session:
         if self.conns.get(ep.cid) is not ep:
             return
         self._forget(ep)
-        ep.shutdown(flush=False)
+        ep.shutdown()
         self.send(P.close_response(ep.cid, error))
 
     async def _dial(self, random: int, protocol: str, address: str) -> None:
@@ -305,9 +366,10 @@ class _Session:
             if error:
                 self.send(P.dial_response(random, error=error))
                 return
+            ep = _Endpoint(self, random)
             try:
                 async with asyncio.timeout(agent.dial_timeout):
-                    reader, writer = await asyncio.open_connection(host, port, limit=CHUNK)
+                    transport, _ = await asyncio.get_running_loop().create_connection(lambda: ep, host, port)
             except TimeoutError:
                 self.send(P.dial_response(random, error=f"dial tcp {address}: i/o timeout"))
                 return
@@ -315,15 +377,14 @@ class _Session:
                 self.send(P.dial_response(random, error=f"dial tcp {address}: {e.strerror or e}"))
                 return
             if self.closed:
-                writer.close()
+                transport.close()
                 return
             cid = next(self.cids)
-            ep = _Endpoint(self, cid, random, reader, writer)
             self.conns[cid] = ep
             self.dialed[random] = cid
             agent.stats["dial_ok"] += 1
             self.send(P.dial_response(random, connect_id=cid))
-            ep.start()
+            ep.start(cid)
         finally:
             self.dials.pop(random, None)
 
@@ -520,7 +581,7 @@ class KonnectivityAgent:
             options.append(("grpc.ssl_target_name_override", self.server_name))
         channel = grpc.aio.secure_channel(address, creds, options=options)
         try:
-            call = pb_grpc.AgentServiceStub(channel).Connect(metadata=md)
+            call = channel.stream_stream(CONNECT_METHOD)(metadata=md)  # bytes in, bytes out
             async with asyncio.timeout(self.connect_timeout):
                 headers = await call.initial_metadata()
                 h: dict[str, list[str]] = {}

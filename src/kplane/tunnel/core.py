@@ -77,6 +77,10 @@ class AgentLink(Protocol):
 
     def send(self, packet: Packet) -> None: ...  # enqueue, never blocks
 
+    # enqueue DATA (the link may merge it with DATA queued just before for the same connection); ``payload`` is
+    # bytes or a view of bytes that never change
+    def send_data(self, connect_id: int, payload: bytes | memoryview) -> None: ...
+
     def close(self, reason: str) -> None: ...  # end the stream (replaced, protocol violation)
 
 
@@ -84,6 +88,8 @@ class FrontendLink(Protocol):
     """One apiserver-side stream or socket."""
 
     def send(self, packet: Packet) -> None: ...  # enqueue, never blocks
+
+    def send_data(self, connect_id: int, payload: bytes | memoryview) -> None: ...  # as AgentLink.send_data
 
     def wake(self, connect_id: int) -> None: ...  # connect_id got send credit, or was closed: look again
 
@@ -272,15 +278,22 @@ class ProxyCore:
         else:  # DIAL_REQ, CLOSE_REQ: not something an agent sends
             self.stats["agent_unexpected_packet"] += 1
 
-    def agent_sent(self, agent: Agent, packet: Packet) -> None:
-        """The agent's stream writer handed ``packet`` to gRPC. For an agent without windows this is what
-        returns local send credit for DATA."""
-        if agent.window is not None or packet.type != PacketType.DATA:
+    def agent_data(self, agent: Agent, connect_id: int, payload: bytes | memoryview) -> None:
+        """A DATA packet from the agent, already taken apart (the stream reader's fast path)."""
+        if agent.gone:
             return
-        c = agent.conns.get(packet.data.connectID)
+        self.stats["from_agent_DATA"] += 1
+        self._agent_data(agent, connect_id, payload)
+
+    def agent_sent_data(self, agent: Agent, connect_id: int, n: int) -> None:
+        """The agent's stream writer handed ``n`` bytes of DATA for the agent's ``connect_id`` to gRPC. For an
+        agent without windows this is what returns local send credit."""
+        if agent.window is not None or n <= 0:
+            return
+        c = agent.conns.get(connect_id)
         if c is not None and c.agent is agent:
             try:
-                c.to_agent.give(len(packet.data.data))
+                c.to_agent.give(n)
             except FlowControlError:
                 return
             if not c.frontend.gone:
@@ -323,7 +336,7 @@ class ProxyCore:
         self.stats["dial_ok"] += 1
         f.link.send(P.dial_response(p.frontend_random, connect_id=cid))
 
-    def _agent_data(self, agent: Agent, agent_cid: int, payload: bytes) -> None:
+    def _agent_data(self, agent: Agent, agent_cid: int, payload: bytes | memoryview) -> None:
         c = agent.conns.get(agent_cid)
         if c is None:
             # data for a connection nobody holds (upstream answers with CLOSE_REQ too)
@@ -337,7 +350,7 @@ class ProxyCore:
         except FlowControlError as e:
             self._abort_conn(c, str(e))
             return
-        c.frontend.link.send(P.data(c.cid, payload))
+        c.frontend.link.send_data(c.cid, payload)
 
     # ------------------------------------------------------------------------------------- frontends
 
@@ -405,13 +418,15 @@ class ProxyCore:
 
     def frontend_data(self, f: Frontend, cid: int, payload: bytes | memoryview) -> int:
         """Forward as much of ``payload`` as the connection's send credit allows; returns the number of bytes
-        taken (0: wait for ``f.link.wake(cid)``), or -1 if ``cid`` is not an open connection of ``f``."""
+        taken (0: wait for ``f.link.wake(cid)``), or -1 if ``cid`` is not an open connection of ``f``. The bytes
+        are queued, not copied: ``payload`` must be bytes or a view of bytes that never change."""
         c = f.conns.get(cid)
         if c is None or c.closing:
             return -1
-        n = c.to_agent.take(len(payload))
+        size = len(payload)
+        n = c.to_agent.take(size)
         if n:
-            c.agent.link.send(P.data(c.agent_cid, bytes(payload[:n])))
+            c.agent.link.send_data(c.agent_cid, payload if n == size else payload[:n])
         return n
 
     def frontend_consumed(self, f: Frontend, cid: int, n: int) -> None:

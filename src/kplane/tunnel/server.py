@@ -15,6 +15,11 @@ Three listeners, each with one job:
 
 All routing and connection state is the sans-I/O :class:`kplane.tunnel.core.ProxyCore`; this module only moves
 packets between it and sockets. Every queue it fills is bounded by per-connection flow control.
+
+The byte path is kept short: gRPC methods are registered with raw-bytes (de)serializers and DATA is encoded and
+taken apart by :mod:`kplane.tunnel.packets` without protobuf objects; each stream has one writer whose
+:class:`~kplane.tunnel.outbox.Outbox` turns DATA queued back to back for one connection into one packet; an
+HTTP-CONNECT socket is an :class:`asyncio.Protocol` driven by its callbacks (no task, no stream buffers).
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ import os
 import socket
 import stat
 import uuid
-from collections import deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +38,6 @@ from typing import Any
 import grpc
 from aiohttp import web
 
-from kplane.tunnel import konnectivity_pb2_grpc as pb_grpc
 from kplane.tunnel import packets as P
 from kplane.tunnel.auth import (
     AgentClaim,
@@ -46,7 +49,7 @@ from kplane.tunnel.auth import (
     identity_from_token,
 )
 from kplane.tunnel.core import Agent, Frontend, ProxyCore
-from kplane.tunnel.flow import CHUNK, DEFAULT_WINDOW, parse_window
+from kplane.tunnel.flow import DEFAULT_WINDOW, parse_window
 from kplane.tunnel.httpconnect import (
     ESTABLISHED,
     HTTPError,
@@ -54,6 +57,7 @@ from kplane.tunnel.httpconnect import (
     parse_connect,
     status_for_dial_error,
 )
+from kplane.tunnel.outbox import DataBatch, Outbox
 from kplane.tunnel.packets import AgentIdentifiers, Packet, PacketType
 
 log = logging.getLogger(__name__)
@@ -86,6 +90,11 @@ def _md(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, list[str]]:
     return out
 
 
+def _raw_handler(service: str, method: str, behavior: Any) -> grpc.GenericRpcHandler:
+    """A bidirectional-streaming method whose messages reach ``behavior`` as bytes (no (de)serializers)."""
+    return grpc.method_handlers_generic_handler(service, {method: grpc.stream_stream_rpc_method_handler(behavior)})
+
+
 def _prepare_uds(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -106,19 +115,28 @@ class _AgentStream:
     """An agent's Connect stream as a :class:`kplane.tunnel.core.AgentLink`."""
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[Packet] = asyncio.Queue()
+        self.outbox = Outbox()
+        self.ready = asyncio.Event()
         self.closed = asyncio.Event()
         self.reason = ""
 
     def send(self, packet: Packet) -> None:
-        self.queue.put_nowait(packet)
+        self.outbox.put(packet)
+        self.ready.set()
+
+    def send_data(self, connect_id: int, payload: bytes | memoryview) -> None:
+        self.outbox.put_data(connect_id, payload)
+        self.ready.set()
 
     def close(self, reason: str) -> None:
         self.reason = reason
         self.closed.set()
 
 
-class _AgentService(pb_grpc.AgentServiceServicer):
+class _AgentService:
+    """``/AgentService/Connect``, registered with raw-bytes (de)serializers: DATA is encoded and taken apart
+    by :mod:`kplane.tunnel.packets` without protobuf objects; everything else goes through protobuf."""
+
     def __init__(self, server: KonnectivityServer) -> None:
         self.server = server
 
@@ -163,17 +181,35 @@ class _AgentService(pb_grpc.AgentServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, link.reason)
 
     async def _read(self, context: Any, agent: Agent) -> None:
+        core = self.server.core
         while True:
-            pkt = await context.read()
-            if pkt is grpc.aio.EOF:
+            msg = await context.read()
+            if msg is grpc.aio.EOF:
                 return
-            self.server.core.from_agent(agent, pkt)
+            d = P.parse_data(msg)
+            if d is not None:
+                core.agent_data(agent, d[0], d[1])
+                continue
+            try:
+                pkt = P.decode(msg)
+            except P.PacketError:
+                core.stats["agent_bad_packet"] += 1
+                continue
+            core.from_agent(agent, pkt)
 
     async def _write(self, context: Any, agent: Agent, link: _AgentStream) -> None:
+        core = self.server.core
+        outbox = link.outbox
         while True:
-            pkt = await link.queue.get()
-            await context.write(pkt)
-            self.server.core.agent_sent(agent, pkt)
+            while not outbox:
+                link.ready.clear()
+                await link.ready.wait()
+            item = outbox.pop()
+            if isinstance(item, DataBatch):
+                await context.write(item.encode())
+                core.agent_sent_data(agent, item.connect_id, item.size)
+            else:
+                await context.write(P.encode(item))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,16 +218,23 @@ class _AgentService(pb_grpc.AgentServiceServicer):
 
 
 class _FrontendQueue:
-    """Packets for one frontend, plus per-connection wake-ups for senders waiting on credit."""
+    """What goes to one gRPC frontend, plus per-connection wake-ups for senders waiting on credit."""
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[Packet] = asyncio.Queue()
+        self.outbox = Outbox()
+        self.ready = asyncio.Event()
         self.events: dict[int, asyncio.Event] = {}
         self.changed = asyncio.Event()
+        self.writing = False
 
     def send(self, packet: Packet) -> None:
-        self.queue.put_nowait(packet)
+        self.outbox.put(packet)
+        self.ready.set()
         self.changed.set()
+
+    def send_data(self, connect_id: int, payload: bytes | memoryview) -> None:
+        self.outbox.put_data(connect_id, payload)
+        self.ready.set()
 
     def wake(self, connect_id: int) -> None:
         ev = self.events.get(connect_id)
@@ -208,22 +251,23 @@ class _FrontendQueue:
 
 
 async def forward_with_credit(core: ProxyCore, f: Frontend, link: _FrontendQueue, cid: int,
-                              payload: bytes) -> bool:
-    """Send ``payload`` on connection ``cid`` in chunks, waiting for credit; False: the connection is gone."""
+                              payload: bytes | memoryview) -> bool:
+    """Send ``payload`` on connection ``cid`` as credit allows, waiting for more; False: the connection is gone."""
     view = memoryview(payload)
-    off = 0
-    while off < len(view):
-        n = core.frontend_data(f, cid, view[off : off + CHUNK])
+    while view:
+        n = core.frontend_data(f, cid, view)
         if n < 0:
             return False
         if n == 0:
             await link.wait(cid)
             continue
-        off += n
+        view = view[n:]
     return True
 
 
-class _ProxyService(pb_grpc.ProxyServiceServicer):
+class _ProxyService:
+    """``/ProxyService/Proxy`` (raw bytes, as :class:`_AgentService`)."""
+
     def __init__(self, server: KonnectivityServer) -> None:
         self.server = server
 
@@ -240,10 +284,9 @@ class _ProxyService(pb_grpc.ProxyServiceServicer):
                 # the frontend half-closed: let its open dials and connections finish (bounded)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(core.close_timeout):
-                        while (f.pending or f.conns) and not writer.done():
+                        while (f.pending or f.conns or link.outbox or link.writing) and not writer.done():
                             link.changed.clear()
                             await link.changed.wait()
-                        await link.queue.join()
         finally:
             for t in (reader, writer, stopping):
                 t.cancel()
@@ -253,39 +296,58 @@ class _ProxyService(pb_grpc.ProxyServiceServicer):
     async def _read(self, context: Any, f: Frontend, link: _FrontendQueue) -> None:
         core = self.server.core
         while True:
-            pkt = await context.read()
-            if pkt is grpc.aio.EOF:
+            msg = await context.read()
+            if msg is grpc.aio.EOF:
                 return
-            try:
-                P.check(pkt)
-            except P.PacketError:
-                core.stats["frontend_bad_packet"] += 1
-                continue
-            t = pkt.type
-            if t == PacketType.DIAL_REQ:
-                r = pkt.dialRequest
-                core.dial(f, r.random, r.protocol, r.address)
-            elif t == PacketType.DATA:
-                cid = pkt.data.connectID
-                if not await forward_with_credit(core, f, link, cid, pkt.data.data):
-                    link.send(P.close_response(cid, "unrecognized connectID"))
-            elif t == PacketType.CLOSE_REQ:
-                cid = pkt.closeRequest.connectID
-                if not core.frontend_close(f, cid):
-                    link.send(P.close_response(cid, "Unknown connectID"))
-            elif t == PacketType.DIAL_CLS:
-                core.cancel_dial(f, pkt.closeDial.random)
+            d = P.parse_data(msg)
+            payload: bytes | memoryview
+            if d is not None:
+                cid, payload = d
             else:
-                core.stats["frontend_unexpected_packet"] += 1
+                try:
+                    pkt = P.decode(msg)
+                    P.check(pkt)
+                except P.PacketError:
+                    core.stats["frontend_bad_packet"] += 1
+                    continue
+                t = pkt.type
+                if t == PacketType.DIAL_REQ:
+                    r = pkt.dialRequest
+                    core.dial(f, r.random, r.protocol, r.address)
+                    continue
+                if t == PacketType.CLOSE_REQ:
+                    cid = pkt.closeRequest.connectID
+                    if not core.frontend_close(f, cid):
+                        link.send(P.close_response(cid, "Unknown connectID"))
+                    continue
+                if t == PacketType.DIAL_CLS:
+                    core.cancel_dial(f, pkt.closeDial.random)
+                    continue
+                if t != PacketType.DATA:
+                    core.stats["frontend_unexpected_packet"] += 1
+                    continue
+                cid, payload = pkt.data.connectID, pkt.data.data
+            if not await forward_with_credit(core, f, link, cid, payload):
+                link.send(P.close_response(cid, "unrecognized connectID"))
 
     async def _write(self, context: Any, f: Frontend, link: _FrontendQueue) -> None:
         core = self.server.core
+        outbox = link.outbox
         while True:
-            pkt = await link.queue.get()
-            await context.write(pkt)
-            if pkt.type == PacketType.DATA:
-                core.frontend_consumed(f, pkt.data.connectID, len(pkt.data.data))
-            link.queue.task_done()
+            while not outbox:
+                link.ready.clear()
+                await link.ready.wait()
+            item = outbox.pop()
+            link.writing = True
+            try:
+                if isinstance(item, DataBatch):
+                    await context.write(item.encode())
+                    core.frontend_consumed(f, item.connect_id, item.size)
+                else:
+                    await context.write(P.encode(item))
+            finally:
+                link.writing = False
+                link.changed.set()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -293,98 +355,162 @@ class _ProxyService(pb_grpc.ProxyServiceServicer):
 # --------------------------------------------------------------------------------------------------
 
 
-class _HTTPFrontend(_FrontendQueue):
-    """One CONNECT socket: the DIAL_RSP resolves a future, DATA and CLOSE_RSP go to the writer."""
+class _HTTPConnect(asyncio.Protocol):
+    """One CONNECT socket, driven by callbacks only (no task, no stream buffers): the request head, the dial,
+    then bytes both ways. It is the connection's :class:`~kplane.tunnel.core.FrontendLink` as well.
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.dialed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.out: deque[Packet] = deque()
-        self.ready = asyncio.Event()
+    Upload (socket → agent): each read goes to the relay as far as the connection's send credit allows; the
+    rest waits here with reading paused until :meth:`wake`. Download (agent → socket): DATA is written to the
+    transport at once; bytes count as consumed (earning the agent more credit) once the transport has handed
+    them to the kernel, which the write-buffer callbacks report (the high-water mark is 0)."""
+
+    def __init__(self, server: KonnectivityServer) -> None:
+        self.server = server
+        self.core = server.core
+        self.transport: asyncio.Transport | None = None
+        self.head = bytearray()
+        self.timer: asyncio.TimerHandle | None = None
+        self.f: Frontend | None = None
+        self.cid = 0  # 0 until the dial succeeded
+        self.pending: bytes | memoryview = b""  # upload bytes waiting for credit (reading is paused meanwhile)
+        self.eof = False
+        self.written = 0
+        self.accounted = 0
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=0)
+        self.server._http_conns.add(self)
+        self.timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, self._head_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self.f is None:
+            self._head_received(data)
+            return
+        self.pending = bytes(self.pending) + data if self.pending else data
+        self._upload()
+
+    def eof_received(self) -> bool:
+        if self.f is None:  # the request head never completed: nothing to answer
+            return False
+        self.eof = True
+        if self.cid and not self.pending:
+            self.core.frontend_close(self.f, self.cid)
+        return True  # keep writing what the target sends until its CLOSE_RSP
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.server._http_conns.discard(self)
+        if self.f is not None:
+            self.core.remove_frontend(self.f)
+
+    def resume_writing(self) -> None:
+        self._account()
+
+    # ------------------------------------------------------------------ FrontendLink
 
     def send(self, packet: Packet) -> None:
-        if packet.type == PacketType.DIAL_RSP:
-            if not self.dialed.done():
-                self.dialed.set_result(packet.dialResponse)
+        t = packet.type
+        if t == PacketType.DIAL_RSP:
+            if not self.cid:
+                self._dialed(packet.dialResponse)
+        elif t == PacketType.CLOSE_RSP and self.transport is not None:
+            self.transport.close()  # after what is buffered
+
+    def send_data(self, connect_id: int, payload: bytes | memoryview) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
             return
-        self.out.append(packet)
-        self.ready.set()
+        t.write(payload)
+        self.written += len(payload)
+        self._account()
 
+    def wake(self, connect_id: int) -> None:
+        if self.pending:
+            self._upload()
 
-async def _serve_http_connect(server: KonnectivityServer, reader: asyncio.StreamReader,
-                              writer: asyncio.StreamWriter) -> None:
-    core = server.core
-    f: Frontend | None = None
-    try:
-        buf = b""
+    # ------------------------------------------------------------------ internals
+
+    def _head_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.head += data
         try:
-            async with asyncio.timeout(HEAD_TIMEOUT):
-                while (req := parse_connect(buf)) is None:
-                    chunk = await reader.read(4096)
-                    if not chunk:
-                        return
-                    buf += chunk
+            req = parse_connect(bytes(self.head))
         except HTTPError as e:
-            core.stats[f"http_error_{e.status}"] += 1
-            writer.write(error_response(e.status, e.message))
+            self.core.stats[f"http_error_{e.status}"] += 1
+            self._fail(e.status, e.message)
             return
-        except TimeoutError:
-            writer.write(error_response(408, "timed out reading the CONNECT request"))
+        if req is None:
             return
-        early = buf[req.head_length :]
-        link = _HTTPFrontend()
-        f = core.add_frontend(link, "http-connect")
-        core.dial(f, 1, "tcp", req.address)
-        rsp = await link.dialed
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.pending = bytes(self.head[req.head_length :])
+        self.head = bytearray()
+        self.transport.pause_reading()  # until the dial is answered
+        self.f = self.core.add_frontend(self, "http-connect")
+        self.core.dial(self.f, 1, "tcp", req.address)
+
+    def _head_timeout(self) -> None:
+        self.timer = None
+        if self.f is None:
+            self._fail(408, "timed out reading the CONNECT request")
+
+    def _fail(self, status: int, message: str) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.write(error_response(status, message))
+            t.close()
+
+    def _dialed(self, rsp: P.pb.DialResponse) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            return
         if rsp.error:
-            writer.write(error_response(status_for_dial_error(rsp.error), rsp.error))
+            self._fail(status_for_dial_error(rsp.error), rsp.error)
             return
-        cid = rsp.connectID
-        writer.write(ESTABLISHED)
-        up = asyncio.create_task(_http_up(core, f, link, cid, reader, early))
-        try:
-            await _http_down(core, f, link, cid, writer)
-        finally:
-            up.cancel()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        if f is not None:
-            core.remove_frontend(f)
-        with contextlib.suppress(Exception):
-            await writer.drain()
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
+        self.cid = rsp.connectID
+        t.write(ESTABLISHED)
+        self.written += len(ESTABLISHED)
+        self.accounted += len(ESTABLISHED)
+        self._upload()
 
-
-async def _http_up(core: ProxyCore, f: Frontend, link: _HTTPFrontend, cid: int, reader: asyncio.StreamReader,
-                   early: bytes) -> None:
-    with contextlib.suppress(ConnectionError, OSError):
-        if early and not await forward_with_credit(core, f, link, cid, early):
+    def _upload(self) -> None:
+        t, f = self.transport, self.f
+        if t is None or f is None or not self.cid or t.is_closing():
             return
-        while True:
-            chunk = await reader.read(CHUNK)
-            if not chunk:
-                break
-            if not await forward_with_credit(core, f, link, cid, chunk):
+        p = self.pending
+        while p:
+            n = self.core.frontend_data(f, self.cid, p)
+            if n == 0:  # no credit: wait for wake()
+                self.pending = p
+                t.pause_reading()
                 return
-    core.frontend_close(f, cid)
+            if n < 0:  # the connection is gone; its CLOSE_RSP (or the socket closing) ends this
+                self.pending = b""
+                t.pause_reading()
+                return
+            p = memoryview(p)[n:] if n < len(p) else b""
+        self.pending = b""
+        if self.eof:
+            self.core.frontend_close(f, self.cid)
+        else:
+            t.resume_reading()
 
-
-async def _http_down(core: ProxyCore, f: Frontend, link: _HTTPFrontend, cid: int,
-                     writer: asyncio.StreamWriter) -> None:
-    while True:
-        while not link.out:
-            link.ready.clear()
-            await link.ready.wait()
-        pkt = link.out.popleft()
-        if pkt.type == PacketType.DATA:
-            writer.write(pkt.data.data)
-            await writer.drain()
-            core.frontend_consumed(f, cid, len(pkt.data.data))
-        elif pkt.type == PacketType.CLOSE_RSP:
+    def _account(self) -> None:
+        t, f = self.transport, self.f
+        if t is None or f is None:
             return
+        done = self.written - t.get_write_buffer_size()
+        n = done - self.accounted
+        if n > 0:
+            self.accounted = done
+            self.core.frontend_consumed(f, self.cid, n)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -450,7 +576,7 @@ class KonnectivityServer:
         self._agent_server: grpc.aio.Server | None = None
         self._frontend_grpc: grpc.aio.Server | None = None
         self._frontend_http: asyncio.Server | None = None
-        self._http_tasks: set[asyncio.Task[None]] = set()
+        self._http_conns: set[_HTTPConnect] = set()
         self._health: web.AppRunner | None = None
         self._stopping = asyncio.Event()
 
@@ -478,7 +604,8 @@ class KonnectivityServer:
     async def _start(self) -> None:
         creds = self._credentials()
         self._agent_server = grpc.aio.server(options=_grpc_options(self.keepalive))
-        pb_grpc.add_AgentServiceServicer_to_server(_AgentService(self), self._agent_server)
+        self._agent_server.add_generic_rpc_handlers((_raw_handler("AgentService", "Connect",
+                                                                 _AgentService(self).Connect),))
         addr = f"[{self.host}]:{self.requested_agent_port}" if ":" in self.host else \
             f"{self.host}:{self.requested_agent_port}"
         self.agent_port = self._agent_server.add_secure_port(addr, creds)
@@ -492,13 +619,14 @@ class KonnectivityServer:
                 ("grpc.max_receive_message_length", MAX_MESSAGE),
                 ("grpc.max_send_message_length", MAX_MESSAGE),
             ])
-            pb_grpc.add_ProxyServiceServicer_to_server(_ProxyService(self), self._frontend_grpc)
+            self._frontend_grpc.add_generic_rpc_handlers((_raw_handler("ProxyService", "Proxy",
+                                                                       _ProxyService(self).Proxy),))
             if not self._frontend_grpc.add_insecure_port(f"unix:{self.uds_path}"):
                 raise OSError(f"cannot listen on {self.uds_path}")
             await self._frontend_grpc.start()
         else:
-            self._frontend_http = await asyncio.start_unix_server(self._on_http, path=str(self.uds_path),
-                                                                  limit=CHUNK)
+            loop = asyncio.get_running_loop()
+            self._frontend_http = await loop.create_unix_server(lambda: _HTTPConnect(self), path=str(self.uds_path))
         os.chmod(self.uds_path, 0o600)
 
         if self.requested_health_port is not None:
@@ -523,10 +651,10 @@ class KonnectivityServer:
         self._stopping.set()  # stream handlers return on their own (no cancellation inside gRPC)
         if self._frontend_http is not None:
             self._frontend_http.close()
-            for t in list(self._http_tasks):
-                t.cancel()
-            if self._http_tasks:
-                await asyncio.gather(*self._http_tasks, return_exceptions=True)
+            for conn in list(self._http_conns):
+                if conn.transport is not None:
+                    conn.transport.abort()
+            await asyncio.sleep(0)  # their connection_lost() runs: frontends removed
             self._frontend_http = None
         for srv in (self._frontend_grpc, self._agent_server):
             if srv is not None:
@@ -582,19 +710,6 @@ class KonnectivityServer:
         held_md = md.get(P.MD_HELD_SERVERS)
         held = {x for x in held_md[0].split(",") if x} if held_md and len(held_md[0]) <= 4096 else None
         return ids[0], identifiers, identity.user, window, held
-
-    # -------------------------------------------------------------------------------- apiserver side
-
-    async def _on_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # the work runs in a task of our own, so stop() can cancel it without asyncio's stream callback
-        # reporting the cancellation as an error
-        task = asyncio.create_task(_serve_http_connect(self, reader, writer))
-        self._http_tasks.add(task)
-        try:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(task)
-        finally:
-            self._http_tasks.discard(task)
 
     # -------------------------------------------------------------------------------- health
 
