@@ -110,6 +110,9 @@ def _run(coro_fn: object) -> int:
             loop.add_signal_handler(sig, stop.set)
         return await coro_fn(stop)  # type: ignore[operator]
 
+    from kplane.aio import tune_malloc
+
+    tune_malloc()
     try:
         return asyncio.run(run())
     except Exception as exc:  # a clear one-line reason, not a traceback, for refusals
