@@ -23,11 +23,11 @@ import grpc
 from kplane.netutil import wait_readable as _wait_readable
 from kplane.tunnel import konnectivity_pb2_grpc as pb_grpc
 from kplane.tunnel import packets as P
-from kplane.tunnel.flow import CHUNK
 from kplane.tunnel.httpconnect import connect_request, parse_response, status_for_dial_error
 from kplane.tunnel.packets import PacketType
 
 CLOSE_TIMEOUT = 10.0
+CHUNK = 64 << 10  # what dial_grpc's pump reads from its socket pair per DATA packet
 
 _TASKS: set[asyncio.Task[None]] = set()
 

@@ -20,10 +20,11 @@ crude rule upstream also applies (a stalled reader loses its connection instead 
 
 from __future__ import annotations
 
-DEFAULT_WINDOW = 1 << 20  # bytes per connection and direction
+# bytes per connection and direction; credit comes back in grants of half a window, so a larger window means
+# fewer window updates and fewer times a fast sender stops reading its source
+DEFAULT_WINDOW = 2 << 20
 MIN_WINDOW = 64 << 10
 MAX_WINDOW = 64 << 20
-CHUNK = 64 << 10  # largest DATA payload we send
 DEFAULT_BUFFER_LIMIT = 4 << 20  # receive buffer per connection when the peer does not do windows
 
 
