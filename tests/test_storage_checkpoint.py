@@ -27,8 +27,11 @@ async def test_wal_stays_bounded_and_data_survives_reopen(tmp_path: Path) -> Non
             biggest = max(biggest, wal_size(path))
     rev = await s.current_revision()
     assert s._checkpointer.checkpoints > 0
-    # without the writer's own checkpoint finishing the job the log would hold every one of the ~36,000 pages
-    assert biggest < (sq.WAL_AUTOCHECKPOINT + 4000) * page, biggest
+    # Without the writer's own checkpoint finishing the job the log would hold every one of the ~36,000 pages.
+    # Bounded means well under that: the writer's checkpoint is tried at each commit past WAL_AUTOCHECKPOINT pages
+    # but gives way while the background one runs, so on a busy machine the log can grow past the threshold for a
+    # while (60 MB = 14,700 pages was seen in a full-suite run); twice the threshold still tells bounded from not.
+    assert biggest < 2 * sq.WAL_AUTOCHECKPOINT * page, biggest
     await s.close()
     assert not s._checkpointer.is_alive()
 
