@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import git_commit, machine, md_table
+from bench.common import cpu_probe, git_commit, machine, md_table
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
@@ -81,6 +81,9 @@ def render(results: dict[str, tuple[dict[str, Any] | None, str, float, int]], m0
             ["cores (`nproc`)", m0["nproc"]], ["CPU", m0["cpu"]],
             ["RAM (/proc/meminfo MemTotal)", m0["MemTotal"]], ["MemAvailable at start", m0["MemAvailable"]],
             ["kernel", m0["kernel"]], ["Python", m0["python"]], ["load", load],
+            ["CPU speed probe (`openssl speed` AES-128-GCM, 16 KiB, 1 s)",
+             f"{m0.get('cpu_probe', 'n/a')} before the run, {m1.get('cpu_probe', 'n/a')} after it (this VM's host "
+             "is shared: 3.85 GB/s on a fast period, 2.24 GB/s on a slow one, the same day)"],
         ]),
         "",
         "## Figures against targets",
@@ -127,6 +130,7 @@ def main() -> None:
             raise SystemExit(f"unknown benchmark {n!r}; choose from {', '.join(BENCHES)}")
     started = datetime.now(UTC)
     m0 = machine()
+    m0["cpu_probe"] = cpu_probe()
     print(f"# machine: {m0}", flush=True)
     results = {}
     with tempfile.TemporaryDirectory(prefix="kplane-report-") as d:
@@ -135,6 +139,8 @@ def main() -> None:
                 continue
             results[n] = run(n, Path(d))
     m1 = machine()
+    m1["cpu_probe"] = cpu_probe()
+    print(f"# CPU speed probe: {m0['cpu_probe']} before, {m1['cpu_probe']} after", flush=True)
     if args.no_write:
         return
     notes = ""
