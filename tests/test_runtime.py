@@ -37,7 +37,7 @@ def rt(tmp_path: Path) -> Iterator[ProcessRuntime]:
             runtime.kill(cid, signal.SIGKILL)
 
 
-async def until(pred: Callable[[], bool], limit_s: float = 5.0) -> None:
+async def until(pred: Callable[[], bool], limit_s: float = 10.0) -> None:
     for _ in range(int(limit_s / 0.02)):
         if pred():
             return

@@ -12,7 +12,7 @@ import stat
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,8 @@ import pytest
 from kplane.kubelet.crilog import read_logs
 from kplane.kubelet.runtime import ContainerSpec, ProcessRuntime, _alive, validate_id
 from kplane.kubelet.shim import CONTROL_SOCK, MAX_REQUEST, proc_starttime, proc_stat, sock_path
+
+from .test_runtime import sh, until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -39,17 +41,6 @@ def rt(tmp_path: Path) -> Iterator[ProcessRuntime]:
     yield runtime
     _cleanup(runtime.root)
 
-
-async def until(pred: Callable[[], bool], limit_s: float = 10.0) -> None:
-    for _ in range(int(limit_s / 0.02)):
-        if pred():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not met in time")
-
-
-def sh(script: str, **kw: object) -> ContainerSpec:
-    return ContainerSpec(argv=["sh", "-c", script], **kw)  # type: ignore[arg-type]
 
 
 def shim_pid(rt: ProcessRuntime, cid: str) -> int:

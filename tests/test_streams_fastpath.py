@@ -21,6 +21,8 @@ from kplane import httpupgrade
 from kplane.streams import channels
 from kplane.streams.session import tunnel_spdy_over_websocket
 
+from .test_streams_session import collecting_server
+
 pytestmark = pytest.mark.timeout(30)
 
 
@@ -152,18 +154,8 @@ async def test_take_over_over_tls_keeps_bytes_sent_with_the_request_first_and_en
     then 4 MiB in order; when the client goes away without a close_notify, the forwarding ends and the handler
     returns (no hang)."""
     server_ctx, client_ctx = tls_contexts(tmp_path)
-    got = bytearray()
-    sink_done = asyncio.Event()
     handler_done = asyncio.Event()
-
-    async def sink_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        while data := await r.read(65536):
-            got.extend(data)
-        sink_done.set()
-        w.close()
-
-    sink = await asyncio.start_server(sink_conn, "127.0.0.1", 0)
-    sink_port = sink.sockets[0].getsockname()[1]
+    sink_port = 0
 
     async def handler(request: web.Request) -> web.StreamResponse:
         _r, dst = await asyncio.open_connection("127.0.0.1", sink_port)
@@ -176,7 +168,9 @@ async def test_take_over_over_tls_keeps_bytes_sent_with_the_request_first_and_en
 
     first = b"sent-with-the-request:" + os.urandom(1000)
     rest = os.urandom(4 << 20)
-    async with serve(handler, ssl_context=server_ctx) as addr:
+    async with collecting_server() as sink, serve(handler, ssl_context=server_ctx) as addr:
+        sink_port = sink.port
+        got = sink.data
         host, port = addr.split(":")
         r, w = await asyncio.open_connection(host, int(port), ssl=client_ctx, server_hostname="127.0.0.1")
         w.write(b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
@@ -190,7 +184,6 @@ async def test_take_over_over_tls_keeps_bytes_sent_with_the_request_first_and_en
                 break
             await asyncio.sleep(0.01)
         w.transport.abort()  # gone, no close_notify
-        await asyncio.wait_for(sink_done.wait(), 10)
+        await asyncio.wait_for(sink.eof.wait(), 10)
         await asyncio.wait_for(handler_done.wait(), 10)
-    sink.close()
     assert bytes(got) == first + rest

@@ -55,6 +55,35 @@ async def echo_server() -> AsyncIterator[int]:
     await srv.wait_closed()
 
 
+class Collected:
+    """What :func:`collecting_server` received: every byte of every connection, in order, and its EOF."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.eof = asyncio.Event()
+        self.port = 0
+
+
+@contextlib.asynccontextmanager
+async def collecting_server() -> AsyncIterator[Collected]:
+    """A TCP server on 127.0.0.1 that keeps everything it is sent (a pod or backend that only reads)."""
+    got = Collected()
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while data := await r.read(65536):
+            got.data.extend(data)
+        got.eof.set()
+        w.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    got.port = srv.sockets[0].getsockname()[1]
+    try:
+        yield got
+    finally:
+        srv.close()
+        await srv.wait_closed()
+
+
 async def run_app(app: web.Application) -> tuple[web.AppRunner, str]:
     runner = web.AppRunner(app)
     await runner.setup()
@@ -410,25 +439,13 @@ async def test_spdy_portforward_data_before_dial_keeps_order_and_fin(all_before_
     """The pod's end is dialled after the client already sent data (or all of it and its FIN): what waited in the
     stream's reader goes first, then the frames written straight to the pod (pipe_to), in order; the client's FIN
     becomes the pod's EOF."""
-    got = bytearray()
-    eof = asyncio.Event()
-
-    async def sink(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        while data := await r.read(65536):
-            got.extend(data)
-        eof.set()
-        w.close()
-
-    srv = await asyncio.start_server(sink, "127.0.0.1", 0)
-    port = srv.sockets[0].getsockname()[1]
     may_dial = asyncio.Event()
-
-    async def slow_dial(_: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        await may_dial.wait()
-        return await asyncio.open_connection("127.0.0.1", port)
-
     payload = os.urandom(200 * 1024 + 123 if all_before_dial else 3 * 1024 * 1024 + 123)
-    try:
+    async with collecting_server() as pod:
+        async def slow_dial(_: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            await may_dial.wait()
+            return await asyncio.open_connection("127.0.0.1", pod.port)
+
         async with serve(pf_routes(slow_dial)) as addr:
             client, _ = await spdy_client(addr, "/pf", ["portforward.k8s.io"])
             hdr = {"port": "80", "requestID": "0"}
@@ -446,12 +463,9 @@ async def test_spdy_portforward_data_before_dial_keeps_order_and_fin(all_before_
                 data.write(bytes(view[i:i + 32 * 1024]))
                 await data.drain()
             data.write_eof()
-            await asyncio.wait_for(eof.wait(), 5)
-            assert bytes(got) == payload
+            await asyncio.wait_for(pod.eof.wait(), 5)
+            assert bytes(pod.data) == payload
             await client.close()
-    finally:
-        srv.close()
-        await srv.wait_closed()
 
 
 async def test_spdy_portforward_pod_not_reading_is_reset_not_buffered(echo_server: int) -> None:
