@@ -418,3 +418,24 @@ async def test_client_certificate_rotation_uses_selfnodeclient(server: Cluster, 
     for seed in range(50):
         d = tb.rotation_deadline(second, rng=random.Random(seed)) - second.not_valid_before_utc
         assert life * 0.7 <= d <= life * 0.9
+
+
+def test_stopping_while_a_pod_terminates_is_clean(tmp_path: Path) -> None:
+    """`kplane up` stopped while a pod is being deleted (its worker is in the grace period): the worker removes
+    itself from the pod table as it is cancelled, which once crashed the agent's stop ("dictionary changed size
+    during iteration"). The stop must be clean: exit code 0 and no traceback in the log."""
+    c = Cluster(tmp_path / "data")
+    c.start()
+    try:
+        ns = "default"
+        run_pod(c, ns, "stubborn", ["sh", "-c", "trap '' TERM; while true; do sleep 0.2; done"],
+                terminationGracePeriodSeconds=30)
+        wait(lambda: phase(c, ns, "stubborn") == "Running")
+        c.kubectl("delete", "pod", "stubborn", "-n", ns, "--wait=false")
+        wait(lambda: bool(pod_json(c, ns, "stubborn")["metadata"].get("deletionTimestamp")))
+        time.sleep(0.5)  # the worker is now waiting out the grace period
+    finally:
+        rc = c.stop()
+    log = c.log_path.read_text()
+    assert rc == 0, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]

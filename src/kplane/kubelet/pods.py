@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 
 import aiohttp
 
+from kplane.aio import cancel_and_wait
 from kplane.api import meta
 from kplane.client import informer
 from kplane.errors import StatusError
@@ -147,13 +148,8 @@ class PodManager:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-        for w in self.workers.values():
-            if w.task:
-                w.task.cancel()
-        for w in self.workers.values():
-            if w.task:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await w.task
+        # a copy: a worker that ends removes itself from the table while the others are awaited
+        await cancel_and_wait([w.task for w in list(self.workers.values())])
 
     async def _watch(self) -> None:
         synced: set[str] = set()
