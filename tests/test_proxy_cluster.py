@@ -168,6 +168,8 @@ def udp_serve(name: str) -> tuple[socket.socket, int]:
         while True:
             try:
                 _, addr = s.recvfrom(2048)
+                if addr is None:  # the socket was shut while this thread waited on it
+                    return
                 s.sendto(name.encode(), addr)
             except OSError:
                 return
