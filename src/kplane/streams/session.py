@@ -441,25 +441,26 @@ class SpdySession:
                     break
                 if not data:
                     break
-                if not self._receive(data):
+                if self._receive(data) is None:
                     break
                 if any(st._gate.paused for st in self.streams.values()):
                     await self._wait_stalled()
         finally:
             self._teardown()
 
-    def _receive(self, data: bytes | memoryview) -> bool:
-        """Parse and dispatch one chunk; False when the connection is to end."""
+    def _receive(self, data: bytes | memoryview) -> int | None:
+        """Parse and dispatch one chunk: how many frames it completed (0 when it only held part of one, as a
+        WebSocket tunnel's small messages do: nothing else can have changed then), None on a protocol error."""
         try:
             events = self.conn.receive_data(data)
         except SpdyProtocolError as e:
             log.info("SPDY protocol error from peer: %s", e)
-            return False
+            return None
         if events:
             for ev in events:
                 self._dispatch(ev)
             self.flush()
-        return True
+        return len(events)
 
     async def _run_pushed(self, source: PushSource) -> None:
         """Each chunk is parsed as the connection delivers it; a full stream stops the connection being read
@@ -467,18 +468,10 @@ class SpdySession:
         def on_data(view: memoryview) -> None:
             if self.closed.is_set():
                 return
-            try:
-                events = self.conn.receive_data(view)
-            except SpdyProtocolError as e:
-                log.info("SPDY protocol error from peer: %s", e)
-                self._teardown()
+            frames = self._receive(view)
+            if frames == 0:
                 return
-            if not events:  # part of a frame (a tunnel's messages split frames): nothing else can have changed
-                return
-            for ev in events:
-                self._dispatch(ev)
-            self.flush()
-            if self.conn.goaway_received:
+            if frames is None or self.conn.goaway_received:
                 self._teardown()
                 return
             if self._unstalling is None and any(st._gate.paused for st in self.streams.values()):
