@@ -128,35 +128,62 @@ def take_over(request: web.Request, sink: ByteSink, *, size: int = TAKEOVER_BUFF
     return transport
 
 
-class _Pipe:
-    """The sink of :func:`hijack_into`: each chunk is written to ``dst`` at once. ``src`` stops being read while
-    ``dst`` holds more than ``FORWARD_HIGH_WATER`` unsent bytes."""
+class BoundedWriter:
+    """Writes to ``dst`` as bytes come. While ``dst`` holds more than ``high_water`` unsent bytes, ``pause`` is called,
+    and ``resume`` once it has drained: whoever feeds this stops reading meanwhile, so nothing piles up."""
 
-    def __init__(self, dst: asyncio.StreamWriter, done: asyncio.Future[None]) -> None:
-        self.src: asyncio.Transport | None = None
-        self.dst, self.done = dst, done
-        self.paused = False
+    def __init__(self, dst: asyncio.StreamWriter, high_water: int, pause: Callable[[], None],
+                 resume: Callable[[], None]) -> None:
+        self.dst, self.high_water = dst, high_water
+        self._pause, self._resume = pause, resume
+        self._draining: asyncio.Task[None] | None = None
 
-    def data(self, view: memoryview) -> None:
-        if view and not self.dst.is_closing():
-            self.dst.write(bytes(view))
-            if not self.paused and self.src is not None and \
-                    self.dst.transport.get_write_buffer_size() > FORWARD_HIGH_WATER:
-                self.paused = True
-                self.src.pause_reading()
-                asyncio.get_running_loop().create_task(self._resume())
+    def write(self, data: bytes) -> None:
+        if not data or self.dst.is_closing():
+            return
+        self.dst.write(data)
+        if self._draining is None and self.dst.transport.get_write_buffer_size() > self.high_water:
+            self._pause()
+            self._draining = asyncio.get_running_loop().create_task(self._drain())
 
-    async def _resume(self) -> None:
+    async def _drain(self) -> None:
         with contextlib.suppress(ConnectionError, OSError):
             await self.dst.drain()
-        self.paused = False
-        if self.src is not None and not self.src.is_closing():
-            self.src.resume_reading()
+        self._draining = None
+        self._resume()
 
-    def eof(self) -> None:
+    def write_eof(self) -> None:
         with contextlib.suppress(OSError, RuntimeError):
             if not self.dst.is_closing() and self.dst.can_write_eof():
                 self.dst.write_eof()
+
+    def cancel(self) -> None:
+        if self._draining is not None:
+            self._draining.cancel()
+
+
+class _Pipe:
+    """The sink of :func:`hijack_into`: each chunk is written to ``dst`` at once; the client's connection stops
+    being read while ``dst`` holds more than ``FORWARD_HIGH_WATER`` unsent bytes."""
+
+    def __init__(self, dst: asyncio.StreamWriter, done: asyncio.Future[None]) -> None:
+        self.src: asyncio.Transport | None = None
+        self.out = BoundedWriter(dst, FORWARD_HIGH_WATER, self._pause_src, self._resume_src)
+        self.done = done
+
+    def _pause_src(self) -> None:
+        if self.src is not None:
+            self.src.pause_reading()
+
+    def _resume_src(self) -> None:
+        if self.src is not None and not self.src.is_closing():
+            self.src.resume_reading()
+
+    def data(self, view: memoryview) -> None:
+        self.out.write(bytes(view))
+
+    def eof(self) -> None:
+        self.out.write_eof()
         if not self.done.done():
             self.done.set_result(None)
 

@@ -56,7 +56,7 @@ from typing import Any, Protocol
 
 from aiohttp import WSMsgType, web
 
-from kplane.httpupgrade import PushSource, hijack_push
+from kplane.httpupgrade import BoundedWriter, PushSource, hijack_push
 
 from . import channels
 from .channels import ChannelError, ResizeDecoder, protocol_info, status_payload
@@ -317,62 +317,32 @@ class SpdyStream:
         copy or task wake-up in between. While ``dst`` has more than ``high_water`` bytes unsent the stream counts
         as full, so the session stops reading the connection (and resets the stream after its stall timeout, as
         for a full reader)."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        early: list[bytes] = []
-        fin = False
-        resuming: asyncio.Task[None] | None = None
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        out = BoundedWriter(dst, high_water, self._gate.pause_reading, self._gate.resume_reading)
 
-        def hold(data: bytes) -> None:  # while the reader is drained below
-            early.append(data)
-
-        def hold_eof() -> None:
-            nonlocal fin
-            fin = True
-
-        async def resume() -> None:
-            with contextlib.suppress(ConnectionError, OSError):
-                await dst.drain()
-            self._gate.resume_reading()
-
-        def write(data: bytes) -> None:
-            nonlocal resuming
-            if dst.is_closing():
-                return
-            dst.write(data)
-            if not self._gate.paused and dst.transport.get_write_buffer_size() > high_water:
-                self._gate.pause_reading()
-                resuming = loop.create_task(resume())
+        def end() -> None:
+            if not done.done():
+                done.set_result(None)
 
         def eof() -> None:
-            with contextlib.suppress(OSError, RuntimeError):
-                if not dst.is_closing() and dst.can_write_eof():
-                    dst.write_eof()
-            if not done.done():
-                done.set_result(None)
+            out.write_eof()
+            end()
 
-        self._sink, self._sink_eof = hold, hold_eof
-        def gone() -> None:
-            if not done.done():
-                done.set_result(None)
-
-        self.on_reset(gone)
-        self.reader.feed_eof()  # new DATA goes to `early`; what the reader holds ends here
+        self.on_reset(end)
+        # What the reader holds goes first. With its EOF fed, read() returns at once every time and never gives the
+        # loop a turn, so no DATA frame can be parsed until the sink below is in place.
+        self.reader.feed_eof()
         with contextlib.suppress(ConnectionError):
             while data := await self.reader.read(1 << 20):
-                write(data)
-        for data in early:
-            write(data)
-        early.clear()
-        self._sink, self._sink_eof = write, eof
-        if fin or self._finished or self._remote_fin:  # the peer finished before the pipe was set up
+                out.write(data)
+        self._sink, self._sink_eof = out.write, eof
+        if self._finished or self._remote_fin:  # the peer finished before the pipe was set up
             eof()
         try:
             await done
         finally:
             self._sink = self._sink_eof = None
-            if resuming is not None:
-                resuming.cancel()
+            out.cancel()
 
     # --- driven by the session ---
     def _peer_reset(self) -> None:
