@@ -213,9 +213,8 @@ async def hijack_into(request: web.Request, headers: Mapping[str, str], dst: asy
 
 
 class PushSource:
-    """A taken-over connection's bytes for one consumer that :meth:`attach` es callbacks (or, until then or
-    instead, ``await read()``). Until a consumer is attached at most ``limit`` bytes wait here before the
-    connection stops being read."""
+    """A taken-over connection's bytes for one consumer that :meth:`attach` es callbacks. Until it is attached at
+    most ``limit`` bytes wait here before the connection stops being read."""
 
     def __init__(self, limit: int = READ_LIMIT) -> None:
         self.transport: asyncio.Transport | None = None
@@ -223,7 +222,6 @@ class PushSource:
         self._pending: list[bytes] = []
         self._size = 0
         self._eof = False
-        self._waiter: asyncio.Future[None] | None = None
         self._on_data: Callable[[memoryview], None] | None = None
         self._on_eof: Callable[[], None] | None = None
 
@@ -236,7 +234,6 @@ class PushSource:
         self._size += len(view)
         if self._size > self.limit:
             self.pause()
-        self._wake()
 
     def eof(self) -> None:
         if self._eof:
@@ -244,11 +241,6 @@ class PushSource:
         self._eof = True
         if self._on_eof is not None:
             self._on_eof()
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
 
     # the consumer
     def pause(self) -> None:
@@ -269,24 +261,6 @@ class PushSource:
         self.resume()
         if self._eof:
             on_eof()
-
-    async def read(self, n: int = -1) -> bytes:
-        while not self._pending and not self._eof:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        if not self._pending:
-            return b""
-        data = b"".join(self._pending)
-        self._pending, self._size = [], 0
-        if n >= 0 and len(data) > n:
-            self._pending, self._size = [data[n:]], len(data) - n
-            data = data[:n]
-        if self._size <= self.limit:
-            self.resume()
-        return data
 
 
 async def hijack_push(request: web.Request, headers: Mapping[str, str], *, reason: str = "Switching Protocols",

@@ -358,7 +358,7 @@ class SpdyStream:
 class SpdySession:
     """Runs a :class:`SpdyConnection` over a byte reader/writer pair."""
 
-    def __init__(self, reader: ByteReader, writer: ByteWriter, *, server: bool = True,
+    def __init__(self, reader: ByteReader | PushSource, writer: ByteWriter, *, server: bool = True,
                  on_stream: Callable[[SpdyStream], None] | None = None,
                  stream_limit: int = DEFAULT_STREAM_LIMIT,
                  stall_timeout: float = DEFAULT_STALL_TIMEOUT) -> None:
@@ -651,7 +651,7 @@ class SpdyRemoteCommand:
             await self.session.close(goaway=not self.session.closed.is_set())
 
 
-async def spdy_remotecommand(reader: ByteReader, writer: ByteWriter, protocol: str, *,
+async def spdy_remotecommand(reader: ByteReader | PushSource, writer: ByteWriter, protocol: str, *,
                              expect: Collection[str],
                              creation_timeout: float = DEFAULT_STREAM_CREATION_TIMEOUT,
                              linger: float = 60.0, stream_limit: int = DEFAULT_STREAM_LIMIT,
@@ -882,7 +882,7 @@ class _Pair:
         self.timer: asyncio.TimerHandle | None = None
 
 
-async def spdy_portforward(reader: ByteReader, writer: ByteWriter, dial: Dial | None = None, *,
+async def spdy_portforward(reader: ByteReader | PushSource, writer: ByteWriter, dial: Dial | None = None, *,
                            handler: PortForwardHandler | None = None,
                            pair_timeout: float = DEFAULT_STREAM_CREATION_TIMEOUT,
                            stream_limit: int = DEFAULT_STREAM_LIMIT,
