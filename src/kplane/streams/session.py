@@ -1087,9 +1087,9 @@ async def websocket_portforward(ws: web.WebSocketResponse, ports: Iterable[int],
                 t.cancel()
         await handlers
     finally:
+        reader_task.cancel()  # before the first await: a cancel landing there must not leave it running
         with contextlib.suppress(Exception):
             await ws.close(code=1000)
-        reader_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await reader_task
 

@@ -169,7 +169,7 @@ async def _pump(channel: grpc.aio.Channel, call: Any, cid: int, sock: socket.soc
     finally:
         for t in (down_t, up_t):
             t.cancel()
-        await asyncio.gather(down_t, up_t, return_exceptions=True)
-        writer.close()
+        writer.close()  # the synchronous teardown first: a second cancel may land in an await below
         call.cancel()
+        await asyncio.gather(down_t, up_t, return_exceptions=True)
         await channel.close(grace=None)

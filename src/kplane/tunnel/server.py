@@ -172,11 +172,13 @@ class _AgentService:
             if stopping.done():
                 link.reason = "server shutting down"
         finally:
+            # The bookkeeping comes before the first await: gRPC cancels this handler when the agent's stream
+            # ends, and that can land while the tasks below are torn down, skipping whatever follows the await.
             for t in (reader, writer, closed, stopping):
                 t.cancel()
-            await asyncio.gather(reader, writer, closed, stopping, return_exceptions=True)
             s.core.remove_agent(agent)
             log.info("konnectivity: agent %s disconnected%s", agent_id, f" ({link.reason})" if link.reason else "")
+            await asyncio.gather(reader, writer, closed, stopping, return_exceptions=True)
         if link.reason:
             await context.abort(grpc.StatusCode.UNAVAILABLE, link.reason)
 
@@ -290,8 +292,8 @@ class _ProxyService:
         finally:
             for t in (reader, writer, stopping):
                 t.cancel()
+            core.remove_frontend(f)  # before the await, for the reason given in _AgentService.Connect
             await asyncio.gather(reader, writer, stopping, return_exceptions=True)
-            core.remove_frontend(f)
 
     async def _read(self, context: Any, f: Frontend, link: _FrontendQueue) -> None:
         core = self.server.core
