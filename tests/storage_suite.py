@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from kplane.storage.base import Compacted, Event, KeyExists, KeyNotFound, RVConflict, Store
+from kplane.storage.base import Change, Compacted, Event, KeyExists, KeyNotFound, RVConflict, Store
 
 P = "/registry/pods/"
 
@@ -50,6 +50,26 @@ async def collect(it: AsyncGenerator[Event, None], n: int) -> list[Event]:
             if len(out) == n:
                 break
     return out
+
+
+class Pusher:
+    """A watch's ``push`` callback that records what it is offered and takes it while ``accept`` is true, unless
+    its revision is in ``decline`` (or raises ``raise_`` instead)."""
+
+    def __init__(self) -> None:
+        self.accept = True
+        self.decline: set[int] = set()
+        self.raise_: Exception | None = None
+        self.offered: list[Change] = []
+
+    def __call__(self, ch: Change) -> bool:
+        self.offered.append(ch)
+        if self.raise_ is not None:
+            raise self.raise_
+        return self.accept and ch.rv not in self.decline
+
+    def rvs(self) -> list[int]:
+        return [c.rv for c in self.offered]
 
 
 class StoreSuite:
@@ -327,6 +347,128 @@ class StoreSuite:
         assert store.watcher_count() == 0
         # writes after unsubscribing still work
         await store.create(P + "default/p2", pod("p2"))
+
+    # -- watch with push ----------------------------------------------------------------------------
+
+    async def test_push_takes_live_events_after_the_writing_call(self, store: Store) -> None:
+        push = Pusher()
+        it = store.watch(P, 0, push)
+        fut = asyncio.ensure_future(_anext(it))
+        await wait_watchers(store, 1)
+        a = await store.create(P + "default/p1", pod("p1"))
+        assert push.offered == [], "pushed inside the writing call"
+        await asyncio.sleep(0)
+        assert push.rvs() == [rv_of(a)]
+        ch = push.offered[0]
+        assert (ch.type, ch.key, ch.obj) == ("ADDED", P + "default/p1", a)
+        await store.create("/registry/services/default/s1", {"metadata": {}})  # another prefix: not offered
+        b = await store.delete(P + "default/p1")
+        await asyncio.sleep(0)
+        assert push.rvs() == [rv_of(a), rv_of(b)] and push.offered[1].type == "DELETED"
+        assert not fut.done(), "a pushed event is not yielded as well"
+        fut.cancel()
+        await wait_watchers(store, 0)
+
+    async def test_declined_push_queues_and_later_events_wait_behind_it(self, store: Store) -> None:
+        push = Pusher()
+        it = store.watch(P, 0, push)
+        fut = asyncio.ensure_future(_anext(it))
+        await wait_watchers(store, 1)
+        push.accept = False
+        a = await store.create(P + "default/p1", pod("p1"))
+        await asyncio.sleep(0)  # offered and declined
+        push.accept = True
+        b = await store.create(P + "default/p2", pod("p2"))  # a is queued: b must not overtake it
+        c = await store.create(P + "default/p3", pod("p3"))
+        assert [e.rv for e in [await asyncio.wait_for(fut, 2), await next_event(it), await next_event(it)]] == \
+            [rv_of(a), rv_of(b), rv_of(c)]
+        assert push.rvs() == [rv_of(a)]
+        fut = asyncio.ensure_future(_anext(it))  # caught up: the next one is pushed again
+        d = await store.create(P + "default/p4", pod("p4"))
+        await asyncio.sleep(0)
+        assert push.rvs() == [rv_of(a), rv_of(d)] and not fut.done()
+        fut.cancel()
+        await wait_watchers(store, 0)
+
+    async def test_writes_offered_in_one_turn_keep_their_order_when_the_first_is_declined(self, store: Store) -> None:
+        push = Pusher()
+        it = store.watch(P, 0, push)
+        fut = asyncio.ensure_future(_anext(it))
+        await wait_watchers(store, 1)
+        first = await store.current_revision() + 1
+        push.decline = {first}
+        assert rv_of(await store.create(P + "default/p1", pod("p1"))) == first
+        second = rv_of(await store.create(P + "default/p2", pod("p2")))  # both wait to be offered
+        assert [(await asyncio.wait_for(fut, 2)).rv, (await next_event(it)).rv] == [first, second]
+        assert push.rvs() == [first]
+        await it.aclose()
+
+    async def test_push_that_raises_counts_as_declined(self, store: Store) -> None:
+        push = Pusher()
+        push.raise_ = RuntimeError("boom")
+        it = store.watch(P, 0, push)
+        fut = asyncio.ensure_future(_anext(it))
+        await wait_watchers(store, 1)
+        a = await store.create(P + "default/p1", pod("p1"))
+        ev = await asyncio.wait_for(fut, 2)
+        assert ev.rv == rv_of(a) and ev.obj == a and push.rvs() == [rv_of(a)]
+        await it.aclose()
+
+    async def test_push_waits_until_history_is_replayed(self, store: Store) -> None:
+        await store.create("/registry/x/first", {"metadata": {}})  # rv 0 would mean "from now"
+        a = await store.create(P + "default/p1", pod("p1"))
+        b = await store.create(P + "default/p2", pod("p2"))
+        push = Pusher()
+        it = store.watch(P, rv_of(a) - 1, push)
+        assert (await next_event(it)).rv == rv_of(a)  # history; b still to come
+        c = await store.create(P + "default/p3", pod("p3"))
+        await asyncio.sleep(0)
+        assert push.offered == [], "a live event overtook the history"
+        assert [(await next_event(it)).rv, (await next_event(it)).rv] == [rv_of(b), rv_of(c)]
+        fut = asyncio.ensure_future(_anext(it))
+        d = await store.create(P + "default/p4", pod("p4"))
+        await asyncio.sleep(0)
+        assert push.rvs() == [rv_of(d)] and not fut.done()
+        fut.cancel()
+        await wait_watchers(store, 0)
+
+    async def test_push_skips_events_up_to_a_future_from_rv(self, store: Store) -> None:
+        rev = await store.current_revision()
+        push = Pusher()
+        it = store.watch(P, rev + 2, push)
+        fut = asyncio.ensure_future(_anext(it))
+        await wait_watchers(store, 1)
+        for i in range(3):
+            await store.create(P + f"default/p{i}", pod(f"p{i}"))
+        await asyncio.sleep(0)
+        assert push.rvs() == [rev + 3] and not fut.done()
+        fut.cancel()
+        await wait_watchers(store, 0)
+
+    async def test_one_decoded_object_is_shared_by_pushed_watches(self, store: Store) -> None:
+        pushes = [Pusher(), Pusher()]
+        its = [store.watch(P, 0, p) for p in pushes]
+        futs = [asyncio.ensure_future(_anext(it)) for it in its]
+        await wait_watchers(store, 2)
+        a = await store.create(P + "default/p1", pod("p1"))
+        await asyncio.sleep(0)
+        (c0,), (c1,) = (p.offered for p in pushes)
+        assert c0.obj == a and c0.obj is c1.obj
+        for f in futs:
+            f.cancel()
+        await wait_watchers(store, 0)
+
+    async def test_no_push_after_the_watch_ends(self, store: Store) -> None:
+        push = Pusher()
+        it = store.watch(P, 0, push)
+        fut = asyncio.ensure_future(_anext(it))
+        await wait_watchers(store, 1)
+        fut.cancel()  # the watch ends at the loop's next turn, before the write below is offered to it
+        await store.create(P + "default/p1", pod("p1"))
+        with contextlib.suppress(asyncio.CancelledError):
+            await fut
+        await asyncio.sleep(0)
+        assert push.offered == [] and store.watcher_count() == 0
 
     async def test_break_out_of_watch_unsubscribes(self, store: Store) -> None:
         await store.create("/registry/x/first", {"metadata": {}})  # rv 0 would mean "from now"

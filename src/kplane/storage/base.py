@@ -30,11 +30,13 @@ import orjson
 from kplane.errors import StatusError
 
 __all__ = [
+    "Change",
     "Compacted",
     "Event",
     "KeyExists",
     "KeyNotFound",
     "Predicate",
+    "Push",
     "RVConflict",
     "Store",
     "decode_continue",
@@ -54,6 +56,26 @@ class Event:
     key: str
     obj: dict[str, Any]
     rv: int
+
+
+class Change:
+    """A committed write as a watch's ``push`` callback gets it (see :meth:`Store.watch`). ``obj`` is decoded on
+    first use and shared by every watch the write is pushed to: read it, never change it."""
+
+    __slots__ = ("_obj", "key", "rv", "type", "value")
+
+    def __init__(self, rv: int, key: str, type: str, value: bytes) -> None:
+        self.rv, self.key, self.type, self.value = rv, key, type, value
+        self._obj: dict[str, Any] | None = None
+
+    @property
+    def obj(self) -> dict[str, Any]:
+        if self._obj is None:
+            self._obj = orjson.loads(self.value)
+        return self._obj
+
+
+Push = Callable[[Change], bool]
 
 
 class KeyExists(Exception):
@@ -138,13 +160,20 @@ class Store(abc.ABC):
         previous call. A continue token is returned only if more matching items exist."""
 
     @abc.abstractmethod
-    def watch(self, prefix: str, from_rv: int) -> AsyncGenerator[Event, None]:
+    def watch(self, prefix: str, from_rv: int, push: Push | None = None) -> AsyncGenerator[Event, None]:
         """Async generator of every event with ``rv > from_rv`` under ``prefix``: history first, then live,
         until the consumer stops (``aclose``/``break``/cancel remove the subscription).
 
         ``from_rv == 0`` means "from the revision current when iteration starts". Raises Compacted (on first
         iteration) if events after ``from_rv`` were already compacted, or later if the watcher falls too
-        far behind."""
+        far behind.
+
+        With ``push``, a live event that finds nothing queued for this watch (history replayed, every earlier
+        event taken) is first offered to ``push`` as a :class:`Change`, from the event loop soon after the write
+        (never inside the writing call). If it returns True the event is delivered and not yielded; if it
+        returns False (or raises) the event is queued and yielded as usual, and so are the ones after it until
+        the consumer has caught up: the order never changes. One call per write then serves every pushed watch,
+        instead of one task wake-up and one decoded copy per watch. ``push`` must not block."""
 
     @abc.abstractmethod
     async def current_revision(self) -> int:

@@ -11,7 +11,9 @@ synchronously on the event-loop thread, so each write (revision bump + kv row + 
 transaction) is atomic with respect to other coroutines without any locking. After commit the event is
 fanned out to in-process watchers, each owning an unbounded queue (a deque) of encoded events; a
 watcher that lets more than ``MAX_WATCH_QUEUE`` events pile up is terminated with :class:`Compacted`
-(the client must relist) rather than growing memory. Each watcher decodes its own copy of the object.
+(the client must relist) rather than growing memory. Each watcher decodes its own copy of the object, except
+for events taken by a watch's ``push`` callback: one scheduled call per write offers the write to every such
+watch with nothing queued, decoded once and shared.
 
 ``meta.compacted`` is the highest revision removed from history; watching from ``rv < compacted`` raises
 :class:`Compacted`. History is trimmed to ``history`` rows automatically every ``COMPACT_EVERY`` writes.
@@ -38,11 +40,13 @@ from typing import Any
 import orjson
 
 from .base import (
+    Change,
     Compacted,
     Event,
     KeyExists,
     KeyNotFound,
     Predicate,
+    Push,
     RVConflict,
     Store,
     decode_continue,
@@ -75,12 +79,14 @@ class _Watcher:
     """A watcher's backlog: a deque and one waiter future (lighter than an asyncio.Queue, which matters when one
     write is handed to a thousand watchers)."""
 
-    __slots__ = ("_waiter", "items", "prefix")
+    __slots__ = ("_waiter", "from_rv", "items", "prefix", "push")
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, from_rv: int) -> None:
         self.prefix = prefix
+        self.from_rv = from_rv
         self.items: deque[_Item] = deque()
         self._waiter: asyncio.Future[None] | None = None
+        self.push: Push | None = None  # set once the history backlog has been yielded
 
     def put(self, item: _Item) -> None:
         self.items.append(item)
@@ -220,14 +226,39 @@ class SQLiteStore(Store):
 
     def _notify(self, item: tuple[int, str, str, bytes]) -> None:
         key = item[1]
+        pushed: list[_Watcher] = []
         for w in list(self._watchers):
             if not key.startswith(w.prefix):
                 continue
-            if len(w.items) >= MAX_WATCH_QUEUE:
-                self._watchers.discard(w)
-                w.put(Compacted(f"watcher fell more than {MAX_WATCH_QUEUE} events behind"))
+            if w.push is not None and not w.items:
+                pushed.append(w)
             else:
-                w.put(item)
+                self._enqueue(w, item)
+        if pushed:
+            # after the writer's call has returned, and in write order (call_soon is FIFO)
+            asyncio.get_running_loop().call_soon(self._push, item, pushed)
+
+    def _push(self, item: tuple[int, str, str, bytes], watchers: list[_Watcher]) -> None:
+        change = Change(*item)
+        for w in watchers:
+            if w not in self._watchers:  # unsubscribed since the write
+                continue
+            if not w.items and w.push is not None:
+                if item[0] <= w.from_rv:
+                    continue
+                try:
+                    if w.push(change):
+                        continue
+                except Exception:  # the consumer meets the same error when it takes the event itself
+                    log.debug("watch push failed; queueing the event", exc_info=True)
+            self._enqueue(w, item)
+
+    def _enqueue(self, w: _Watcher, item: tuple[int, str, str, bytes]) -> None:
+        if len(w.items) >= MAX_WATCH_QUEUE:
+            self._watchers.discard(w)
+            w.put(Compacted(f"watcher fell more than {MAX_WATCH_QUEUE} events behind"))
+        else:
+            w.put(item)
 
     def _current(self, key: str) -> tuple[int, bytes] | None:
         row = self._db.execute("SELECT rv, value FROM kv WHERE key = ?", (key,)).fetchone()
@@ -327,7 +358,7 @@ class SQLiteStore(Store):
         finally:
             cursor.close()
 
-    async def watch(self, prefix: str, from_rv: int) -> AsyncGenerator[Event, None]:
+    async def watch(self, prefix: str, from_rv: int, push: Push | None = None) -> AsyncGenerator[Event, None]:
         self._check_open()
         if from_rv < 0:
             raise ValueError("from_rv must be >= 0")
@@ -341,12 +372,13 @@ class SQLiteStore(Store):
                     f"resourceVersion {from_rv} is too old (history starts after {self._compacted})"
                 )
             backlog = list(self._history_rows(prefix, from_rv, now))
-        watcher = _Watcher(prefix)
+        watcher = _Watcher(prefix, from_rv)
         self._watchers.add(watcher)
         try:
             for rv, key, etype, value in backlog:
                 yield Event(etype, key, orjson.loads(value), rv)
             del backlog
+            watcher.push = push
             while True:
                 item = await watcher.get()
                 if item is None:
