@@ -1,4 +1,5 @@
-"""Many watchers of the same objects: each gets every event once, in order, in its own format.
+"""Many watchers of the same objects: each gets every event once, in order, in its own format, whether the event
+was written to it straight from the store's fan-out of a write or waited in the store's queue for a slow client.
 
 The apiserver encodes a JSON watch event once per revision and hands the same bytes to every JSON watcher; these
 tests pin down that selectors, Table output and bookmarks are still per watcher, and that a watch ends on time.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import ssl
 from typing import Any
 
@@ -89,3 +91,56 @@ async def test_watch_ends_at_its_timeout_with_no_events(cluster: Cluster, ns: st
             rv = (await r.json())["metadata"]["resourceVersion"]
         lines = await asyncio.wait_for(_watch(s, f"{base}?watch=1&resourceVersion={rv}&timeoutSeconds=1"), 10)
     assert lines == []
+
+
+def _read_events_until_deleted(stream: Any) -> list[dict[str, Any]]:
+    """Watch events from a chunked body (checking each chunk's framing) up to the first DELETED one."""
+    lines: list[dict[str, Any]] = []
+    while not lines or lines[-1]["type"] != "DELETED":
+        size = int(stream.readline().strip(), 16)
+        chunk = stream.read(size + 2)
+        assert size and chunk[-2:] == b"\r\n", "bad chunk framing"
+        lines += [json.loads(x) for x in chunk[:-2].splitlines() if x.strip()]
+    return lines
+
+
+async def test_a_watch_not_read_for_a_while_gets_every_event_in_order(cluster: Cluster, ns: str) -> None:
+    """Events stop being written straight to a client that does not read (its connection's buffer fills) and
+    wait in the store's queue for it instead; once it reads, it gets all of them, in order, framed as one chunked
+    body, with nothing lost or repeated across the switches between the two ways out."""
+    base = f"{cluster.url}/api/v1/namespaces/{ns}/configmaps"
+    ctx = _ctx(cluster)
+    n, size = 120, 100_000  # 12 MB: far more than the sockets' buffers hold
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
+        body = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "big"}, "data": {"i": "-1"}}
+        async with s.post(base, json=body) as resp:
+            assert resp.status == 201
+            rv = (await resp.json())["metadata"]["resourceVersion"]
+        # a plain blocking TLS socket with a small receive buffer, read by a thread only at the end: no client
+        # library flow control in between
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window scale follows
+        sock.connect(("127.0.0.1", cluster.port))
+        tls = ctx.wrap_socket(sock, server_hostname="kplane")
+        tls.settimeout(60)
+        stream = tls.makefile("rb")
+        tls.sendall(f"GET /api/v1/namespaces/{ns}/configmaps?watch=1&resourceVersion={rv}&timeoutSeconds=60 "
+                    f"HTTP/1.1\r\nHost: kplane\r\nAccept: application/json\r\n\r\n".encode())
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            head += await asyncio.to_thread(stream.readline)
+        assert head.startswith(b"HTTP/1.1 200") and b"chunked" in head.lower()
+        for i in range(n):  # the watcher reads nothing meanwhile
+            patch = {"data": {"i": str(i), "pad": "x" * size}}
+            async with s.patch(f"{base}/big", data=json.dumps(patch),
+                               headers={"Content-Type": "application/merge-patch+json"}) as resp:
+                assert resp.status == 200
+        async with s.delete(f"{base}/big") as resp:
+            assert resp.status == 200
+        lines = await asyncio.to_thread(_read_events_until_deleted, stream)
+        tls.close()
+    mine = [e for e in lines if e["object"]["metadata"]["name"] == "big"]
+    assert [e["object"]["data"]["i"] for e in mine] == [str(i) for i in range(n)] + [str(n - 1)]
+    assert [e["type"] for e in mine] == ["MODIFIED"] * n + ["DELETED"]
+    rvs = [int(e["object"]["metadata"]["resourceVersion"]) for e in lines]
+    assert rvs == sorted(rvs) and len(set(rvs)) == len(rvs)

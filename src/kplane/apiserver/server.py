@@ -37,13 +37,14 @@ from kplane.apiserver.patch import (
 )
 from kplane.apiserver.reviews import Reviews
 from kplane.errors import StatusError, already_exists, conflict, invalid, not_found
-from kplane.storage.base import Compacted, KeyExists, KeyNotFound, RVConflict, Store
+from kplane.storage.base import Change, Compacted, KeyExists, KeyNotFound, RVConflict, Store
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 3 * 1024 * 1024
 WATCH_BATCH = 256  # initial watch events written at once
 WATCH_LINES_KEPT = 1024  # encoded watch events kept for the other watchers of the same revision
+WATCH_PUSH_HIGH_WATER = 64 * 1024  # above this many unsent bytes a watch's events wait in the store's queue
 JSON_CT = "application/json"
 APPLY_CT = "application/apply-patch+yaml"
 PATCH_TYPES = {
@@ -120,7 +121,8 @@ class APIServer:
         self.reviews = Reviews(self)
         self.started = time.monotonic()
         self._watchers: set[asyncio.Task[Any]] = set()
-        self._watch_lines: dict[int, bytes] = {}  # resourceVersion -> encoded JSON watch event (see watch())
+        # resourceVersion -> the JSON watch event line, and that line as an HTTP chunk (see watch())
+        self._watch_lines: dict[int, tuple[bytes, bytes]] = {}
         self.shutting_down = asyncio.Event()
 
     # --- application --------------------------------------------------------------------------------------
@@ -940,21 +942,25 @@ class APIServer:
         first_table = [True]
         shared = self._watch_lines if not table else None
 
-        def encode(ev_type: str, obj: Obj, rv: int = 0) -> bytes:
+        def encode_both(ev_type: str, obj: Obj, rv: int = 0) -> tuple[bytes, bytes]:
+            """The watch event line, and the same as one HTTP/1.1 chunk."""
             if shared is not None and rv:
                 # every watcher of this revision sends the same line: encode it once
-                line = shared.get(rv)
-                if line is None:
-                    line = shared[rv] = dumps({"type": ev_type, "object": obj}) + b"\n"
+                both = shared.get(rv)
+                if both is None:
+                    both = shared[rv] = _line_and_chunk(dumps({"type": ev_type, "object": obj}) + b"\n")
                     if len(shared) > WATCH_LINES_KEPT:
                         del shared[next(iter(shared))]
-                return line
+                return both
             out = obj
             if table and ev_type in ("ADDED", "MODIFIED", "DELETED"):
                 out = self.table(res, [obj], obj["metadata"].get("resourceVersion", ""), query,
                                  columns=first_table[0])
                 first_table[0] = False
-            return dumps({"type": ev_type, "object": out}) + b"\n"
+            return _line_and_chunk(dumps({"type": ev_type, "object": out}) + b"\n")
+
+        def encode(ev_type: str, obj: Obj, rv: int = 0) -> bytes:
+            return encode_both(ev_type, obj, rv)[0]
 
         async def send(ev_type: str, obj: Obj) -> None:
             await resp.write(encode(ev_type, obj))
@@ -966,12 +972,29 @@ class APIServer:
             return {"kind": res.kind, "apiVersion": res.api_version, "metadata": md}
 
         last_rv = [from_rv]
+        transport = req.transport
+
+        def push(ch: Change) -> bool:
+            """The store's fan-out of a write, while nothing is queued for this watch: the event goes out as one
+            chunk written straight to the connection, with no task woken and no copy of the object decoded for
+            this watch alone. aiohttp frames nothing itself in between (it writes each chunk through at once),
+            so the chunks of both paths interleave correctly. A client that is not reading leaves the events
+            to the pump below, which waits for it."""
+            if transport is None or transport.is_closing() or \
+                    transport.get_write_buffer_size() > WATCH_PUSH_HIGH_WATER:
+                return False
+            obj = ch.obj
+            if pred is None or pred(obj):
+                transport.write(encode_both(ch.type, obj, ch.rv)[1])
+            last_rv[0] = ch.rv
+            return True
 
         async def pump() -> None:
-            """Writes the store's events itself: one task wakes up per event and watcher, with no queue between
-            the store and the connection (the handler only keeps time for bookmarks and the timeout)."""
+            """Writes the events the store queued for this watch (the replayed history, and any that found the
+            client not reading); the others are pushed (above). The handler only keeps time for bookmarks and
+            ``timeoutSeconds``."""
             try:
-                async for ev in self.store.watch(res.prefix(ns), from_rv):
+                async for ev in self.store.watch(res.prefix(ns), from_rv, push if resp.chunked else None):
                     if pred is None or pred(ev.obj):
                         await resp.write(encode(ev.type, ev.obj, ev.rv))
                     last_rv[0] = ev.rv
@@ -1015,6 +1038,10 @@ class APIServer:
 
 
 _KUBELET_STREAMING = ("exec", "attach", "run", "portforward")
+
+
+def _line_and_chunk(line: bytes) -> tuple[bytes, bytes]:
+    return line, b"%x\r\n%b\r\n" % (len(line), line)
 
 
 def _streaming_proxy(req: web.Request, info: request.RequestInfo) -> bool:
