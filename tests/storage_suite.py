@@ -72,6 +72,17 @@ class Pusher:
         return [c.rv for c in self.offered]
 
 
+async def pushed_watch(store: Store, from_rv: int = 0, *, subscribed: int = 1,
+                       ) -> tuple[Pusher, AsyncGenerator[Event, None], asyncio.Future[Event]]:
+    """A watch of ``P`` with a :class:`Pusher`, its first ``anext`` pending (it completes only for an event that is
+    yielded, not pushed), returned once ``subscribed`` watches are live."""
+    push = Pusher()
+    it = store.watch(P, from_rv, push)
+    fut = asyncio.ensure_future(_anext(it))
+    await wait_watchers(store, subscribed)
+    return push, it, fut
+
+
 class StoreSuite:
     """Subclass as ``TestSomething`` and provide an async ``store`` fixture."""
 
@@ -351,10 +362,7 @@ class StoreSuite:
     # -- watch with push ----------------------------------------------------------------------------
 
     async def test_push_takes_live_events_after_the_writing_call(self, store: Store) -> None:
-        push = Pusher()
-        it = store.watch(P, 0, push)
-        fut = asyncio.ensure_future(_anext(it))
-        await wait_watchers(store, 1)
+        push, _, fut = await pushed_watch(store)
         a = await store.create(P + "default/p1", pod("p1"))
         assert push.offered == [], "pushed inside the writing call"
         await asyncio.sleep(0)
@@ -370,10 +378,7 @@ class StoreSuite:
         await wait_watchers(store, 0)
 
     async def test_declined_push_queues_and_later_events_wait_behind_it(self, store: Store) -> None:
-        push = Pusher()
-        it = store.watch(P, 0, push)
-        fut = asyncio.ensure_future(_anext(it))
-        await wait_watchers(store, 1)
+        push, it, fut = await pushed_watch(store)
         push.accept = False
         a = await store.create(P + "default/p1", pod("p1"))
         await asyncio.sleep(0)  # offered and declined
@@ -391,10 +396,7 @@ class StoreSuite:
         await wait_watchers(store, 0)
 
     async def test_writes_offered_in_one_turn_keep_their_order_when_the_first_is_declined(self, store: Store) -> None:
-        push = Pusher()
-        it = store.watch(P, 0, push)
-        fut = asyncio.ensure_future(_anext(it))
-        await wait_watchers(store, 1)
+        push, it, fut = await pushed_watch(store)
         first = await store.current_revision() + 1
         push.decline = {first}
         assert rv_of(await store.create(P + "default/p1", pod("p1"))) == first
@@ -404,11 +406,8 @@ class StoreSuite:
         await it.aclose()
 
     async def test_push_that_raises_counts_as_declined(self, store: Store) -> None:
-        push = Pusher()
+        push, it, fut = await pushed_watch(store)
         push.raise_ = RuntimeError("boom")
-        it = store.watch(P, 0, push)
-        fut = asyncio.ensure_future(_anext(it))
-        await wait_watchers(store, 1)
         a = await store.create(P + "default/p1", pod("p1"))
         ev = await asyncio.wait_for(fut, 2)
         assert ev.rv == rv_of(a) and ev.obj == a and push.rvs() == [rv_of(a)]
@@ -434,10 +433,7 @@ class StoreSuite:
 
     async def test_push_skips_events_up_to_a_future_from_rv(self, store: Store) -> None:
         rev = await store.current_revision()
-        push = Pusher()
-        it = store.watch(P, rev + 2, push)
-        fut = asyncio.ensure_future(_anext(it))
-        await wait_watchers(store, 1)
+        push, _, fut = await pushed_watch(store, rev + 2)
         for i in range(3):
             await store.create(P + f"default/p{i}", pod(f"p{i}"))
         await asyncio.sleep(0)
@@ -446,23 +442,18 @@ class StoreSuite:
         await wait_watchers(store, 0)
 
     async def test_one_decoded_object_is_shared_by_pushed_watches(self, store: Store) -> None:
-        pushes = [Pusher(), Pusher()]
-        its = [store.watch(P, 0, p) for p in pushes]
-        futs = [asyncio.ensure_future(_anext(it)) for it in its]
-        await wait_watchers(store, 2)
+        p0, _, f0 = await pushed_watch(store)
+        p1, _, f1 = await pushed_watch(store, subscribed=2)
         a = await store.create(P + "default/p1", pod("p1"))
         await asyncio.sleep(0)
-        (c0,), (c1,) = (p.offered for p in pushes)
+        (c0,), (c1,) = p0.offered, p1.offered
         assert c0.obj == a and c0.obj is c1.obj
-        for f in futs:
-            f.cancel()
+        f0.cancel()
+        f1.cancel()
         await wait_watchers(store, 0)
 
     async def test_no_push_after_the_watch_ends(self, store: Store) -> None:
-        push = Pusher()
-        it = store.watch(P, 0, push)
-        fut = asyncio.ensure_future(_anext(it))
-        await wait_watchers(store, 1)
+        push, _, fut = await pushed_watch(store)
         fut.cancel()  # the watch ends at the loop's next turn, before the write below is offered to it
         await store.create(P + "default/p1", pod("p1"))
         with contextlib.suppress(asyncio.CancelledError):
