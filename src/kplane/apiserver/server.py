@@ -973,6 +973,7 @@ class APIServer:
 
         last_rv = [from_rv]
         transport = req.transport
+        ended = [False]  # set before the response's last chunk: nothing may be pushed after it
 
         def push(ch: Change) -> bool:
             """The store's fan-out of a write, while nothing is queued for this watch: the event goes out as one
@@ -980,6 +981,8 @@ class APIServer:
             this watch alone. aiohttp frames nothing itself in between (it writes each chunk through at once),
             so the chunks of both paths interleave correctly. A client that is not reading leaves the events
             to the pump below, which waits for it."""
+            if ended[0]:
+                return True  # the watch is over; the store lets go of it as soon as the pump has ended
             if transport is None or transport.is_closing() or \
                     transport.get_write_buffer_size() > WATCH_PUSH_HIGH_WATER:
                 return False
@@ -993,14 +996,19 @@ class APIServer:
             """Writes the events the store queued for this watch (the replayed history, and any that found the
             client not reading); the others are pushed (above). The handler only keeps time for bookmarks and
             ``timeoutSeconds``."""
+            events = self.store.watch(res.prefix(ns), from_rv, push if resp.chunked else None)
             try:
-                async for ev in self.store.watch(res.prefix(ns), from_rv, push if resp.chunked else None):
+                async for ev in events:
                     if pred is None or pred(ev.obj):
                         await resp.write(encode(ev.type, ev.obj, ev.rv))
                     last_rv[0] = ev.rv
             except Compacted:
                 err = StatusError(410, f"too old resource version: {from_rv}", reason="Expired")
                 await resp.write(dumps({"type": "ERROR", "object": err.status()}) + b"\n")
+            finally:
+                # unsubscribe now even when cancelled in a write, not when the generator is collected
+                ended[0] = True
+                await events.aclose()
 
         deadline = time.monotonic() + max(timeout, 0)
         pump_task: asyncio.Task[None] | None = None
@@ -1024,6 +1032,7 @@ class APIServer:
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
+            ended[0] = True
             if pump_task is not None:
                 pump_task.cancel()
                 self._watchers.discard(pump_task)
