@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import socket
 import ssl
 from typing import Any
 
 import aiohttp
+import pytest
 
+from kplane.apiserver.server import _chunk, _unchunk
 from tests.cluster import Cluster
 
 TABLE = "application/json;as=Table;g=meta.k8s.io;v=v1, application/json"
@@ -144,3 +147,12 @@ async def test_a_watch_not_read_for_a_while_gets_every_event_in_order(cluster: C
     assert [e["type"] for e in mine] == ["MODIFIED"] * n + ["DELETED"]
     rvs = [int(e["object"]["metadata"]["resourceVersion"]) for e in lines]
     assert rvs == sorted(rvs) and len(set(rvs)) == len(rvs)
+
+
+@pytest.mark.parametrize("size", [0, 1, 15, 16, 255, 4096, 100_000])
+def test_watch_line_chunk_framing(size: int) -> None:
+    """A shared watch line is kept once, framed as a chunk (pushed as is); the pump writes the line inside it."""
+    line = bytes(random.randrange(256) for _ in range(size))
+    chunk = _chunk(line)
+    assert chunk == f"{size:x}".encode() + b"\r\n" + line + b"\r\n"
+    assert bytes(_unchunk(chunk)) == line

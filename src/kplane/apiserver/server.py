@@ -121,8 +121,8 @@ class APIServer:
         self.reviews = Reviews(self)
         self.started = time.monotonic()
         self._watchers: set[asyncio.Task[Any]] = set()
-        # resourceVersion -> the JSON watch event line, and that line as an HTTP chunk (see watch())
-        self._watch_lines: dict[int, tuple[bytes, bytes]] = {}
+        # resourceVersion -> the JSON watch event line framed as one HTTP/1.1 chunk (see watch())
+        self._watch_lines: dict[int, bytes] = {}
         self.shutting_down = asyncio.Event()
 
     # --- application --------------------------------------------------------------------------------------
@@ -942,25 +942,35 @@ class APIServer:
         first_table = [True]
         shared = self._watch_lines if not table else None
 
-        def encode_both(ev_type: str, obj: Obj, rv: int = 0) -> tuple[bytes, bytes]:
-            """The watch event line, and the same as one HTTP/1.1 chunk."""
-            if shared is not None and rv:
-                # every watcher of this revision sends the same line: encode it once
-                both = shared.get(rv)
-                if both is None:
-                    both = shared[rv] = _line_and_chunk(dumps({"type": ev_type, "object": obj}) + b"\n")
-                    if len(shared) > WATCH_LINES_KEPT:
-                        del shared[next(iter(shared))]
-                return both
+        def shared_chunk(ev_type: str, obj: Obj, rv: int) -> bytes | None:
+            """Every JSON watcher of revision ``rv`` sends the same line: it is encoded (and framed as one HTTP/1.1
+            chunk) once. None for a watcher that encodes its own (Table)."""
+            if shared is None or not rv:
+                return None
+            chunk = shared.get(rv)
+            if chunk is None:
+                chunk = shared[rv] = _chunk(dumps({"type": ev_type, "object": obj}) + b"\n")
+                if len(shared) > WATCH_LINES_KEPT:
+                    del shared[next(iter(shared))]
+            return chunk
+
+        def own_line(ev_type: str, obj: Obj) -> bytes:
             out = obj
             if table and ev_type in ("ADDED", "MODIFIED", "DELETED"):
                 out = self.table(res, [obj], obj["metadata"].get("resourceVersion", ""), query,
                                  columns=first_table[0])
                 first_table[0] = False
-            return _line_and_chunk(dumps({"type": ev_type, "object": out}) + b"\n")
+            return dumps({"type": ev_type, "object": out}) + b"\n"
 
-        def encode(ev_type: str, obj: Obj, rv: int = 0) -> bytes:
-            return encode_both(ev_type, obj, rv)[0]
+        def encode(ev_type: str, obj: Obj, rv: int = 0) -> bytes | memoryview:
+            """The event's line, for aiohttp's writer (which frames it)."""
+            chunk = shared_chunk(ev_type, obj, rv)
+            return own_line(ev_type, obj) if chunk is None else _unchunk(chunk)
+
+        def encode_chunk(ev_type: str, obj: Obj, rv: int) -> bytes:
+            """The event as one HTTP/1.1 chunk, for writing to the connection directly."""
+            chunk = shared_chunk(ev_type, obj, rv)
+            return _chunk(own_line(ev_type, obj)) if chunk is None else chunk
 
         async def send(ev_type: str, obj: Obj) -> None:
             await resp.write(encode(ev_type, obj))
@@ -988,7 +998,7 @@ class APIServer:
                 return False
             obj = ch.obj
             if pred is None or pred(obj):
-                transport.write(encode_both(ch.type, obj, ch.rv)[1])
+                transport.write(encode_chunk(ch.type, obj, ch.rv))
             last_rv[0] = ch.rv
             return True
 
@@ -1049,8 +1059,14 @@ class APIServer:
 _KUBELET_STREAMING = ("exec", "attach", "run", "portforward")
 
 
-def _line_and_chunk(line: bytes) -> tuple[bytes, bytes]:
-    return line, b"%x\r\n%b\r\n" % (len(line), line)
+def _chunk(data: bytes) -> bytes:
+    """``data`` as one HTTP/1.1 chunk (RFC 9112 section 7.1), as aiohttp's writer frames it."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def _unchunk(chunk: bytes) -> memoryview:
+    """The data of one chunk made by :func:`_chunk` (no copy)."""
+    return memoryview(chunk)[chunk.index(b"\r\n") + 2 : -2]
 
 
 def _streaming_proxy(req: web.Request, info: request.RequestInfo) -> bool:
