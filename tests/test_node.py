@@ -335,6 +335,37 @@ def test_expired_bootstrap_token_is_refused(server: Cluster, tmp_path: Path) -> 
     assert "late" not in server.kubectl("get", "nodes").stdout
 
 
+def test_node_is_registered_with_its_status(server: Cluster, tmp_path: Path) -> None:
+    """As the kubelet does, the agent creates its Node with the status in it: the first revision of the Node
+    (replayed by a watch from before it existed) already has conditions, addresses and nodeInfo."""
+    from tests.cluster import stop_containers
+
+    before = json.loads(server.kubectl("get", "--raw", "/api/v1/nodes").stdout)["metadata"]["resourceVersion"]
+    assert before
+    token, ca_hash = token_create(server)
+    data = tmp_path / "agent"
+    agent = subprocess.Popen(agent_cmd(server, data, "regstat", "--token", token, "--discovery-token-ca-cert-hash",
+                                       ca_hash), stdout=(tmp_path / "agent.log").open("ab"), stderr=subprocess.STDOUT)
+    try:
+        wait(lambda: "Ready" in server.kubectl("get", "node", "regstat", check=False).stdout, timeout=40)
+        raw = server.kubectl("get", "--raw",
+                             f"/api/v1/nodes?watch=1&resourceVersion={before}&timeoutSeconds=1").stdout
+        first = next(e for e in map(json.loads, raw.splitlines())
+                     if e["object"]["metadata"]["name"] == "regstat")
+        assert first["type"] == "ADDED"
+        st = first["object"]["status"]
+        assert {c["type"] for c in st["conditions"]} >= {"Ready", "MemoryPressure", "DiskPressure", "PIDPressure"}
+        assert st["addresses"] and st["nodeInfo"]["kubeletVersion"] and st["daemonEndpoints"]["kubeletEndpoint"]
+    finally:
+        agent.send_signal(2)
+        try:
+            agent.wait(15)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+        stop_containers(data)
+        server.kubectl("delete", "node", "regstat", check=False)
+
+
 def test_agent_restart_leaves_pods_running(server: Cluster, tmp_path: Path) -> None:
     from tests.cluster import stop_containers
 

@@ -243,15 +243,20 @@ class NodeAgent:
         name = self.cfg.name
         labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": _arch(),
                   **self.cfg.labels}
-        body = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}, "spec": {}}
+        # created with its status, as the kubelet does: a Node never exists without one
+        body = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}, "spec": {},
+                "status": self.node_status()}
         try:
             node = await self.client.create("/api/v1/nodes", body)
         except StatusError as err:
             if err.code != 409:
                 raise
             node = await self.client.get(f"/api/v1/nodes/{name}")
+            self.node_uid = node["metadata"]["uid"]
+            await self.post_status(node)  # an existing Node (a restart): refresh its status
+            return
         self.node_uid = node["metadata"]["uid"]
-        await self.post_status(node)
+        self.ready.set()
 
     async def post_status(self, node: dict[str, Any] | None = None) -> None:
         assert self.client is not None
