@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import shutil
 import socket
@@ -142,7 +143,11 @@ class Topology:
         assert p.returncode == 0, p.stderr
 
     def apply(self, ports: list[ServicePort]) -> None:
-        self.nft(nftables.render(self.table, ports))
+        """As the proxier's nftables backend applies: given the chains the table holds, if it exists."""
+        p = subprocess.run(self.on_node(NFT or "nft", "-j", "list", "table", "ip", self.table), capture_output=True,
+                           text=True, timeout=30)
+        existing = nftables.chains_in_json(p.stdout) if p.returncode == 0 else None
+        self.nft(nftables.render(self.table, ports, existing=existing))
 
     def tables(self) -> str:
         return sh(*self.on_node("nft", "list", "tables")).stdout
@@ -410,6 +415,28 @@ def test_replacing_the_table_never_breaks_new_connections(topo: Topology) -> Non
         t.join(timeout=30)
     assert not errors, errors
     assert seen == {"a", "b"}
+
+
+def test_a_sync_refills_the_table_in_place(topo: Topology) -> None:
+    """After the first sync the table (and so its base chains and their hooks) stays: later syncs flush and refill
+    it and delete the chains of services that went away."""
+    def listing() -> tuple[int, list[str]]:
+        text = sh(*topo.on_node(NFT or "nft", "-j", "list", "table", "ip", topo.table)).stdout
+        handle = next(i["table"]["handle"] for i in json.loads(text)["nftables"] if "table" in i)
+        return handle, nftables.chains_in_json(text)
+
+    topo.nft(nftables.render_delete(topo.table))
+    topo.apply([sp(topo, 23, 80, "a"), sp(topo, 24, 80, "b", name="other")])
+    handle, chains = listing()
+    assert any(c.startswith("svc-test/other/") for c in chains)
+    topo.apply([sp(topo, 23, 80, "b")])  # "other" went away, the endpoint of the first changed
+    handle2, chains2 = listing()
+    assert handle2 == handle, "the table was replaced"
+    assert not any(c.startswith("svc-test/other/") for c in chains2)
+    assert sorted(c for c in chains2 if c.startswith("svc-")) == sorted(
+        [nftables.service_chain(sp(topo, 23, 80, "b")), nftables.endpoint_chain(
+            sp(topo, 23, 80, "b"), topo.hosts["b"].ip, 8080)])
+    assert http_get(topo.vip(23), 80).split()[0] == "b"
 
 
 def test_removing_the_table_cleans_everything(topo: Topology) -> None:

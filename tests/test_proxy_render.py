@@ -132,6 +132,43 @@ def test_render_golden() -> None:
     assert nftables.render(T, list(reversed(EXAMPLE))) == expected
 
 
+def test_render_over_an_existing_table_golden() -> None:
+    """Over a table that exists: flush its rules and elements, delete the chains of what went away (never the fixed
+    ones), then the same definition as from scratch; the table itself is not deleted."""
+    existing = ["nat-prerouting", "services", "svc-default/web/tcp/80", "svc-default/web/tcp/80/10.1.0.9/8080",
+                "svc-default/gone/tcp/81", "svc-default/gone/tcp/81/10.1.0.7/81",
+                "svc-x\ndelete table ip other", "svc-x; flush ruleset", "svc-X/Y"]  # not ours: never written out
+    out = nftables.render(T, EXAMPLE, existing=existing)
+    head = f"""table ip {T} {{
+\tset cluster-ips {{ type ipv4_addr; }}
+\tmap service-ips {{ type ipv4_addr . inet_proto . inet_service : verdict; }}
+}}
+flush table ip {T}
+flush set ip {T} cluster-ips
+flush map ip {T} service-ips
+delete chain ip {T} svc-default/gone/tcp/81
+delete chain ip {T} svc-default/gone/tcp/81/10.1.0.7/81
+"""
+    fresh = nftables.render(T, EXAMPLE)
+    assert out == head + fresh.removeprefix(f"table ip {T}\ndelete table ip {T}\n")
+    assert f"delete table ip {T}" not in out
+
+
+def test_chains_in_json() -> None:
+    text = json.dumps({"nftables": [
+        {"metainfo": {"version": "1.0.6", "json_schema_version": 1}},
+        {"table": {"family": "ip", "name": T, "handle": 1}},
+        {"chain": {"family": "ip", "table": T, "name": "nat-output", "handle": 2, "type": "nat", "hook": "output"}},
+        {"set": {"family": "ip", "name": "cluster-ips", "table": T, "type": "ipv4_addr", "handle": 3}},
+        {"chain": {"family": "ip", "table": T, "name": "svc-default/web/tcp/80", "handle": 4}},
+        {"rule": {"family": "ip", "table": T, "chain": "nat-output", "handle": 5, "expr": []}},
+    ]})
+    assert nftables.chains_in_json(text) == ["nat-output", "svc-default/web/tcp/80"]
+    for bad in ("", "not json", "[]", '{"nftables": 3}', '{"nftables": [{"chain": {}}]}', '{"x": []}'):
+        with pytest.raises(RuleError):
+            nftables.chains_in_json(bad)
+
+
 def test_render_other_mark() -> None:
     out = nftables.render(T, [], mark=0x80000)
     assert "meta mark set meta mark or 0x80000\n" in out and "meta mark & 0x80000 == 0 return\n" in out

@@ -80,8 +80,17 @@ class NftBackend:
         self.table, self.nft, self.name = nftables.check_table(table), nft, f"nftables table ip {table}"
         self.wrap = list(wrap)
 
+    async def _existing(self) -> list[str] | None:
+        """The table's chains, or None when there is no table yet."""
+        try:
+            text = await run_tool([*self.wrap, self.nft, "-j", "list", "table", "ip", self.table])
+        except ProxyError:
+            return None
+        return nftables.chains_in_json(text)
+
     async def apply(self, ports: Sequence[ServicePort]) -> None:
-        await run_tool([*self.wrap, self.nft, "-f", "-"], nftables.render(self.table, ports))
+        text = nftables.render(self.table, ports, existing=await self._existing())
+        await run_tool([*self.wrap, self.nft, "-f", "-"], text)
 
     async def cleanup(self) -> None:
         await run_tool([*self.wrap, self.nft, "-f", "-"], nftables.render_delete(self.table))
