@@ -335,10 +335,21 @@ def test_expired_bootstrap_token_is_refused(server: Cluster, tmp_path: Path) -> 
     assert "late" not in server.kubectl("get", "nodes").stdout
 
 
+def stop_agent(agent: subprocess.Popen[bytes], data: Path) -> None:
+    """Stop an agent as Ctrl-C does (killed if it takes over 15 s), then whatever containers it left."""
+    from tests.cluster import stop_containers
+
+    agent.send_signal(2)
+    try:
+        agent.wait(15)
+    except subprocess.TimeoutExpired:
+        agent.kill()
+    stop_containers(data)
+
+
 def test_node_is_registered_with_its_status(server: Cluster, tmp_path: Path) -> None:
     """As the kubelet does, the agent creates its Node with the status in it: the first revision of the Node
     (replayed by a watch from before it existed) already has conditions, addresses and nodeInfo."""
-    from tests.cluster import stop_containers
 
     before = json.loads(server.kubectl("get", "--raw", "/api/v1/nodes").stdout)["metadata"]["resourceVersion"]
     assert before
@@ -357,17 +368,11 @@ def test_node_is_registered_with_its_status(server: Cluster, tmp_path: Path) -> 
         assert {c["type"] for c in st["conditions"]} >= {"Ready", "MemoryPressure", "DiskPressure", "PIDPressure"}
         assert st["addresses"] and st["nodeInfo"]["kubeletVersion"] and st["daemonEndpoints"]["kubeletEndpoint"]
     finally:
-        agent.send_signal(2)
-        try:
-            agent.wait(15)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-        stop_containers(data)
+        stop_agent(agent, data)
         server.kubectl("delete", "node", "regstat", check=False)
 
 
 def test_agent_restart_leaves_pods_running(server: Cluster, tmp_path: Path) -> None:
-    from tests.cluster import stop_containers
 
     token, ca_hash = token_create(server)
     data = tmp_path / "agent"
@@ -407,12 +412,7 @@ def test_agent_restart_leaves_pods_running(server: Cluster, tmp_path: Path) -> N
         cs = wait(restarted)
         assert cs["lastState"]["terminated"]["exitCode"] == 137
     finally:
-        agent.send_signal(2)
-        try:
-            agent.wait(15)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-        stop_containers(data)
+        stop_agent(agent, data)
 
 
 async def test_client_certificate_rotation_uses_selfnodeclient(server: Cluster, tmp_path: Path) -> None:
