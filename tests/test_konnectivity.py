@@ -694,6 +694,7 @@ async def test_services_are_only_on_their_own_listener(certs: Certs, sockdir: Pa
 @contextlib.asynccontextmanager
 async def manual_agent(certs: Certs, server: KonnectivityServer, agent_id: str = "n1",
                        extra: tuple[tuple[str, str], ...] = ()) -> AsyncIterator[Any]:
+    """An upstream-style agent's Connect stream, yielded once the server has an agent to dial through."""
     async with raw_channel(certs, server) as ch:
         call = pb_grpc.AgentServiceStub(ch).Connect(
             metadata=[("agentid", agent_id), ("agentidentifiers", "ipv4=127.0.0.1"), *extra])
@@ -701,18 +702,23 @@ async def manual_agent(certs: Certs, server: KonnectivityServer, agent_id: str =
         assert md["serverid"] == server.server_id and md["servercount"] == "1"
         assert "kplane-window-v1" not in md  # we did not offer it: upstream behaviour
         try:
+            async with asyncio.timeout(10):
+                await until(lambda: server.core.ready)
             yield call
         finally:
             call.cancel()
 
 
+async def start_dial(server: KonnectivityServer, call: Any) -> tuple[asyncio.Task[socket.socket], Any]:
+    """An apiserver-side dial to 127.0.0.1:4242 through ``server``, and the DIAL_REQ it sent ``call``'s agent."""
+    dialing = asyncio.create_task(dial_http_connect(server.uds_path, "127.0.0.1", 4242))
+    return dialing, await call.read()
+
+
 async def test_upstream_style_agent_end_to_end(certs: Certs, sockdir: Path, stack: contextlib.AsyncExitStack) -> None:
     server = await start_server(stack, certs, sockdir, "http-connect")
     async with manual_agent(certs, server) as call:
-        async with asyncio.timeout(10):
-            await until(lambda: server.core.ready)
-        dialing = asyncio.create_task(dial_http_connect(server.uds_path, "127.0.0.1", 4242))
-        req = await call.read()
+        dialing, req = await start_dial(server, call)
         assert req.type == PacketType.DIAL_REQ and req.dialRequest.address == "127.0.0.1:4242"
         assert req.dialRequest.protocol == "tcp"
         await call.write(P.dial_response(req.dialRequest.random, connect_id=9))
@@ -736,10 +742,7 @@ async def test_large_data_packets_reach_an_upstream_style_agent_within_the_size_
     agent's side reads what the server encoded by hand, every byte in order."""
     server = await start_server(stack, certs, sockdir, "http-connect")
     async with manual_agent(certs, server) as call:
-        async with asyncio.timeout(10):
-            await until(lambda: server.core.ready)
-        dialing = asyncio.create_task(dial_http_connect(server.uds_path, "127.0.0.1", 4242))
-        req = await call.read()
+        dialing, req = await start_dial(server, call)
         await call.write(P.dial_response(req.dialRequest.random, connect_id=9))
         _r, w = await asyncio.open_connection(sock=await dialing)
         payload = os.urandom(3 << 20)
@@ -822,10 +825,7 @@ async def test_pending_dial_fails_fast_when_its_agent_drops(certs: Certs, sockdi
                                                             stack: contextlib.AsyncExitStack) -> None:
     server = await start_server(stack, certs, sockdir, "http-connect", dial_timeout=60)
     async with manual_agent(certs, server) as call:
-        async with asyncio.timeout(10):
-            await until(lambda: server.core.ready)
-        dialing = asyncio.create_task(dial_http_connect(server.uds_path, "127.0.0.1", 4242))
-        await call.read()  # the DIAL_REQ, never answered
+        dialing, _ = await start_dial(server, call)  # its DIAL_REQ is never answered
         call.cancel()
     async with asyncio.timeout(5):  # far less than the 60 s dial timeout
         with pytest.raises(TunnelDialError) as ei:
@@ -837,8 +837,6 @@ async def test_pending_dial_fails_fast_when_its_agent_drops(certs: Certs, sockdi
 async def test_dial_timeout(certs: Certs, sockdir: Path, stack: contextlib.AsyncExitStack, mode: str) -> None:
     server = await start_server(stack, certs, sockdir, mode, dial_timeout=0.5)
     async with manual_agent(certs, server) as call:
-        async with asyncio.timeout(10):
-            await until(lambda: server.core.ready)
         dialing = asyncio.create_task(dial(server, "127.0.0.1", 4242))
         req = await call.read()
         async with asyncio.timeout(10):
@@ -854,8 +852,6 @@ async def test_reconnecting_agent_replaces_its_old_stream(certs: Certs, sockdir:
     """kplane's agent says it holds no stream to this server: the new stream takes the dials at once."""
     server = await start_server(stack, certs, sockdir)
     async with manual_agent(certs, server):
-        async with asyncio.timeout(10):
-            await until(lambda: server.core.ready)
         first = server.core.agents["n1"][0]
         async with manual_agent(certs, server, extra=(("kplane-held-servers", ""),)) as new:
             async with asyncio.timeout(10):
@@ -876,14 +872,11 @@ async def test_reconnecting_agent_replaces_its_old_stream(certs: Certs, sockdir:
 async def test_upstream_style_reconnect_retires_the_old_stream_after_the_grace(
         certs: Certs, sockdir: Path, stack: contextlib.AsyncExitStack) -> None:
     server = await start_server(stack, certs, sockdir, replace_grace=0.5)
-    async with manual_agent(certs, server) as old:
+    async with manual_agent(certs, server) as old, manual_agent(certs, server):
         async with asyncio.timeout(10):
-            await until(lambda: server.core.ready)
-        async with manual_agent(certs, server):
-            async with asyncio.timeout(10):
-                assert await old.code() == grpc.StatusCode.UNAVAILABLE
-            assert "replaced" in (await old.details() or "")
-            assert len(server.core.agents["n1"]) == 1
+            assert await old.code() == grpc.StatusCode.UNAVAILABLE
+        assert "replaced" in (await old.details() or "")
+        assert len(server.core.agents["n1"]) == 1
 
 
 # --------------------------------------------------------------------------------------------------
