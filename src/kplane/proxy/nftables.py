@@ -94,12 +94,11 @@ def render(table: str, ports: Sequence[ServicePort], *, existing: Iterable[str] 
     with_eps = [sp for sp in ordered if sp.endpoints]
     vips = sorted({sp.cluster_ip for sp in ordered}, key=lambda ip: tuple(int(x) for x in ip.split(".")))
     m = f"0x{mark:x}"
-    chains = [service_chain(sp) for sp in with_eps] + [
-        endpoint_chain(sp, ep.ip, ep.port) for sp in with_eps for ep in sorted_endpoints(sp)]
     if existing is None:
         out = [f"table ip {table}", f"delete table ip {table}"]
     else:
-        wanted = set(chains)
+        wanted = {service_chain(sp) for sp in with_eps} | {
+            endpoint_chain(sp, ep.ip, ep.port) for sp in with_eps for ep in sp.endpoints}
         out = [
             f"table ip {table} {{",  # both exist after any earlier sync; declared in case they do not
             f"\tset cluster-ips {{ {_CLUSTER_IPS_TYPE}; }}",
