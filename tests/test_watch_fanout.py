@@ -90,8 +90,16 @@ async def test_many_watchers_same_events_own_format(cluster: Cluster, ns: str) -
 async def test_watch_ends_at_its_timeout_with_no_events(cluster: Cluster, ns: str) -> None:
     base = f"{cluster.url}/api/v1/namespaces/{ns}/configmaps"
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=_ctx(cluster))) as s:
-        async with s.get(base) as r:
-            rv = (await r.json())["metadata"]["resourceVersion"]
+        # the namespace's kube-root-ca.crt is written by a controller at its own pace: list once it is there, so
+        # nothing can change after the revision we watch from
+        async with asyncio.timeout(10):
+            while True:
+                async with s.get(base) as r:
+                    listed = await r.json()
+                if any(i["metadata"]["name"] == "kube-root-ca.crt" for i in listed["items"]):
+                    break
+                await asyncio.sleep(0.05)
+        rv = listed["metadata"]["resourceVersion"]
         lines = await asyncio.wait_for(_watch(s, f"{base}?watch=1&resourceVersion={rv}&timeoutSeconds=1"), 10)
     assert lines == []
 
