@@ -33,6 +33,7 @@ from kplane.tunnel.agent import KonnectivityAgent
 from kplane.tunnel.auth import NodeAgentAuthorizer
 from kplane.tunnel.client import TunnelDialError, dial_grpc, dial_http_connect
 from kplane.tunnel.clientset import Backoff
+from kplane.tunnel.flow import DEFAULT_BUFFER_LIMIT
 from kplane.tunnel.httpconnect import ESTABLISHED
 from kplane.tunnel.outbox import MAX_DATA
 from kplane.tunnel.packets import PacketType
@@ -350,10 +351,10 @@ async def test_stalled_connections_do_not_block_others(certs: Certs, sockdir: Pa
     wc.close()
 
 
-async def test_stalled_reader_without_windows_loses_only_its_own_connection(
+async def test_stalled_reader_without_windows_holds_the_stream_until_its_connection_is_closed(
         certs: Certs, sockdir: Path, stack: contextlib.AsyncExitStack) -> None:
-    """With an agent that does not speak the window extension (as upstream's), a connection whose reader stalls
-    is closed once its bounded buffer is full; the others carry on."""
+    """With an agent that does not speak the window extension (as upstream's), the only brake is the agent's
+    stream: a reader that stops holds it, and is closed after the stall timeout so that the others go on."""
     echo = await tcp_server(stack, _echo)
 
     async def firehose(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -363,16 +364,87 @@ async def test_stalled_reader_without_windows_loses_only_its_own_connection(
             await w.drain()
 
     hose = await tcp_server(stack, firehose)
-    server = await start_server(stack, certs, sockdir, "http-connect")
+    server = await start_server(stack, certs, sockdir, "http-connect", stall_timeout=1.0)
     await start_agent(stack, certs, [server], window=None)
     rc, wc = await open_tunnel(server, "127.0.0.1", hose.port)
     async with asyncio.timeout(30):
-        await until(lambda: server.core.stats["conn_aborted"] >= 1)
+        await until(lambda: server.core.stats["conn_stalled"] >= 1)
         await echo_roundtrip(server, echo.port, os.urandom(1 << 20))
         # the stalled client finds its connection ended after what was buffered
         while await rc.read(1 << 20):
             pass
+    assert server.core.stats["conn_stalled"] == 1
     wc.close()
+
+
+async def test_stalled_target_with_a_server_without_windows_is_closed_by_the_agent(
+        certs: Certs, sockdir: Path, stack: contextlib.AsyncExitStack) -> None:
+    """The same brake on the agent's side, toward a server that does not do windows: a target that does not read
+    holds the stream for the agent's stall timeout, then loses its connection, and the others go on."""
+    echo = await tcp_server(stack, _echo)
+    never = asyncio.Event()
+
+    async def deaf(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await never.wait()
+
+    target = await tcp_server(stack, deaf)
+    server = await start_server(stack, certs, sockdir, "grpc", window=None)
+    agent = await start_agent(stack, certs, [server], stall_timeout=1.0)
+    r, w = await open_tunnel(server, "127.0.0.1", target.port)
+    w.write(os.urandom(32 << 20))
+    held = 0
+    async with asyncio.timeout(30):
+        while not agent.stats["conn_stalled"]:
+            held = max([held, *(ep.recv.buffered for s in agent.sessions.values() for ep in s.conns.values())])
+            await asyncio.sleep(0.01)
+        await echo_roundtrip(server, echo.port, os.urandom(1 << 20))
+        assert await _read_all(r) == b""  # closed by the agent
+    assert agent.stats["conn_stalled"] == 1
+    # the stream was held, so the agent kept about its limit (plus a packet), not the 32 MiB sent its way
+    assert DEFAULT_BUFFER_LIMIT < held <= DEFAULT_BUFFER_LIMIT + MAX_DATA
+    never.set()
+    w.close()
+
+
+@pytest.mark.parametrize("direction", ["download", "upload"])
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_slow_reader_without_windows_gets_every_byte(certs: Certs, sockdir: Path,
+                                                             stack: contextlib.AsyncExitStack, mode: str,
+                                                             direction: str) -> None:
+    """A reader slower than its sender, with a peer that does not do windows on the far side (download: the
+    agent does not; upload: the server does not), holds the stream instead of losing its connection: 12 MiB,
+    three times the buffer limit, arrive whole, and nothing stalls for good."""
+    payload = os.urandom(12 << 20)
+    got = bytearray()
+
+    async def slowly(r: asyncio.StreamReader) -> None:
+        while data := await r.read(64 << 10):
+            got.extend(data)
+            await asyncio.sleep(0.002)
+
+    async def target(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        if direction == "download":
+            w.write(payload)
+            await w.drain()
+        else:
+            await slowly(r)
+        w.close()
+
+    srv = await tcp_server(stack, target)
+    server = await start_server(stack, certs, sockdir, mode, **({"window": None} if direction == "upload" else {}))
+    agent = await start_agent(stack, certs, [server], **({"window": None} if direction == "download" else {}))
+    r, w = await open_tunnel(server, "127.0.0.1", srv.port)
+    async with asyncio.timeout(60):
+        if direction == "download":
+            await slowly(r)
+        else:
+            w.write(payload)
+            await w.drain()
+            w.write_eof()
+            await until(lambda: len(got) == len(payload))
+    assert bytes(got) == payload
+    assert server.core.stats["conn_aborted"] == 0 and agent.stats["conn_stalled"] == 0
+    w.close()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from kplane.tunnel import packets as P
 from kplane.tunnel.auth import AgentClaim, AgentRejected, Identity, NodeAgentAuthorizer, identity_from_token
 from kplane.tunnel.clientset import Backoff, ClientSetPlanner
 from kplane.tunnel.core import ERR_AGENT_GONE, ERR_DIAL_TIMEOUT, ERR_NO_AGENT, ProxyCore
-from kplane.tunnel.flow import FlowControlError, ReceiveBuffer, SendCredit, parse_window
+from kplane.tunnel.flow import FlowControlError, ReadGate, ReceiveBuffer, SendCredit, parse_window
 from kplane.tunnel.httpconnect import (
     ESTABLISHED,
     HTTPError,
@@ -431,13 +431,52 @@ def test_receive_buffer_with_window_grants_half_windows_and_enforces_it() -> Non
     rb.received(500)
 
 
-def test_receive_buffer_without_window_only_limits() -> None:
+def test_receive_buffer_without_window_refuses_nothing_and_says_when_it_is_over() -> None:
     rb = ReceiveBuffer(window=None, limit=10)
     rb.received(10)
+    assert not rb.over
     assert rb.consumed(10) == 0
     rb.received(10)
-    with pytest.raises(FlowControlError, match="not reading"):
-        rb.received(1)
+    rb.received(5)  # a peer without windows broke no rule: the reader is slow, and the stream must wait
+    assert rb.over
+    assert rb.consumed(5) == 0 and not rb.over
+    assert not ReceiveBuffer(window=1000).over
+
+
+class GateLog:
+    def __init__(self) -> None:
+        self.timers = FakeTimers()
+        self.events: list[str] = []
+        self.gate = ReadGate(pause=lambda: self.events.append("pause"), resume=lambda: self.events.append("resume"),
+                             schedule=self.timers, on_stall=lambda k: self.events.append(f"stall {k}"),
+                             stall_timeout=7.0)
+
+
+def test_read_gate_pauses_for_the_first_held_connection_and_resumes_after_the_last() -> None:
+    g = GateLog()
+    g.gate.update("a", False)
+    assert g.events == [] and g.gate.open
+    g.gate.update("a", True)
+    g.gate.update("a", True)  # still over: nothing new, one timer
+    g.gate.update("b", True)
+    assert g.events == ["pause"] and not g.gate.open
+    assert [d for d, _, _ in g.timers.pending] == [7.0, 7.0]
+    g.gate.update("a", False)
+    assert g.events == ["pause"]  # b still holds it
+    g.gate.release("b")
+    g.gate.release("b")  # twice is harmless
+    assert g.events == ["pause", "resume"] and g.gate.open
+    g.timers.fire_all()  # both timers were cancelled
+    assert g.events == ["pause", "resume"]
+
+
+def test_read_gate_hands_a_connection_that_stays_over_to_on_stall_and_lets_the_others_go() -> None:
+    g = GateLog()
+    g.gate.update("a", True)
+    g.timers.fire_all()
+    assert g.events == ["pause", "stall a", "resume"] and g.gate.open
+    g.gate.update("a", False)  # a late consume of a connection already given up: nothing
+    assert g.events == ["pause", "stall a", "resume"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -581,6 +620,7 @@ class FakeLink:
         self.sent: list[pb.Packet] = []
         self.closed: str | None = None
         self.woken: list[int] = []
+        self.paused = False
 
     def send(self, packet: pb.Packet) -> None:
         self.sent.append(packet)
@@ -590,6 +630,12 @@ class FakeLink:
 
     def close(self, reason: str) -> None:
         self.closed = reason
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
 
     def wake(self, cid: int) -> None:
         self.woken.append(cid)
@@ -847,8 +893,8 @@ def test_core_windowed_agent_flow_control() -> None:
     assert not alink.closed
 
 
-def test_core_unwindowed_agent_gets_local_credit_and_a_buffer_limit() -> None:
-    core, _ = _core(window=1000, buffer_limit=100)
+def test_core_unwindowed_agent_gets_local_credit_and_its_stream_held_while_a_frontend_lags() -> None:
+    core, timers = _core(window=1000, buffer_limit=100, stall_timeout=3.0)
     agent, alink = _agent(core, "n1", "ipv4=10.0.0.1", window=None)  # an upstream agent
     flink = FakeLink()
     f = core.add_frontend(flink, "grpc")
@@ -860,10 +906,36 @@ def test_core_unwindowed_agent_gets_local_credit_and_a_buffer_limit() -> None:
     (pkt,) = alink.take()
     core.agent_sent_data(agent, pkt.data.connectID, len(pkt.data.data))  # written to gRPC: credit back
     assert core.frontend_data(f, 1, b"x") == 1
+    assert alink.take() == [P.data(3, b"x")]
+    timers.pending.clear()  # the dial's timeout
     core.from_agent(agent, P.data(3, b"y" * 100))
-    core.from_agent(agent, P.data(3, b"y"))  # the frontend is not reading: over the limit
-    assert alink.take()[-1] == P.close_request(3)
+    assert not alink.paused
+    core.from_agent(agent, P.data(3, b"y"))  # the frontend has not written these out yet: over the limit
+    assert alink.paused and alink.take() == []  # nothing is refused or closed, the agent's stream waits
+    assert [p.data.data for p in flink.take()] == [b"y" * 100, b"y"]
+    core.frontend_consumed(f, 1, 1)
+    assert not alink.paused  # back at the limit: read on
+    core.from_agent(agent, P.data(3, b"z" * 50))
+    assert alink.paused
+    (_, _, cancelled), (delay, fire, _) = timers.pending
+    assert cancelled[0] and delay == 3.0  # the first hold's timer went with it; this one is running
+    fire()  # the frontend took nothing more for stall_timeout
+    assert alink.take() == [P.close_request(3)] and not alink.paused
+    assert flink.take()[-1] == P.close_response(1, "its reader stayed over 100 bytes behind for 3 s")
+    assert core.stats["conn_stalled"] == 1
     assert core.frontend_consumed(f, 1, 10) is None
+
+
+def test_core_a_held_stream_is_let_go_when_its_connection_closes() -> None:
+    core, _ = _core(window=1000, buffer_limit=10)
+    agent, alink = _agent(core, "n1", "ipv4=10.0.0.1", window=None)
+    f = core.add_frontend(FakeLink(), "grpc")
+    core.dial(f, 1, "tcp", "10.0.0.1:1")
+    core.from_agent(agent, P.dial_response(alink.take()[0].dialRequest.random, connect_id=3))
+    core.from_agent(agent, P.data(3, b"y" * 11))
+    assert alink.paused
+    core.from_agent(agent, P.close_response(3))  # the target closed: its buffered bytes go, and so does the hold
+    assert not alink.paused
 
 
 def test_core_removing_a_frontend_cleans_up_at_the_agent() -> None:

@@ -43,7 +43,9 @@ from kplane.tunnel.clientset import Backoff, ClientSetPlanner
 from kplane.tunnel.flow import (
     DEFAULT_BUFFER_LIMIT,
     DEFAULT_WINDOW,
+    STALL_TIMEOUT,
     FlowControlError,
+    ReadGate,
     ReceiveBuffer,
     SendCredit,
     parse_window,
@@ -71,7 +73,8 @@ class _Endpoint(asyncio.Protocol):
     here with reading paused until credit comes back. server → target: DATA is written to the transport at once
     (never awaiting, so the stream's receive loop never blocks); bytes count as consumed, earning the server
     more credit, once the transport has handed them to the kernel (the high-water mark is 0, so the write-buffer
-    callbacks say when)."""
+    callbacks say when). From a server without windows, more than the buffer limit unwritten holds the stream's
+    reading (the session's :class:`~kplane.tunnel.flow.ReadGate`) until the target takes it."""
 
     def __init__(self, session: _Session, random: int) -> None:
         self.session = session
@@ -143,6 +146,8 @@ class _Endpoint(asyncio.Protocol):
         t.write(payload)
         self.written += len(payload)
         self._account()
+        if self.recv.over:
+            self.session.gate.update(self, True)
 
     def on_credit(self, n: int) -> None:
         try:
@@ -197,6 +202,8 @@ class _Endpoint(asyncio.Protocol):
             grant = self.recv.consumed(n)
             if grant and not self.closing:
                 self.session.send(P.window_update(self.cid, grant))
+            elif self.session.peer_window is None:
+                self.session.gate.update(self, self.recv.over)
 
 
 class _Session:
@@ -219,6 +226,11 @@ class _Session:
         self.dialed: dict[int, int] = {}  # random -> cid, for a DIAL_CLS that arrives after the dial completed
         self.cids = itertools.count(1)
         self.closed = False
+        self.readable = asyncio.Event()  # cleared while the gate holds the stream
+        self.readable.set()
+        loop = asyncio.get_running_loop()
+        self.gate = ReadGate(pause=self.readable.clear, resume=self.readable.set, schedule=loop.call_later,
+                             on_stall=self._stalled, stall_timeout=agent.stall_timeout)
 
     def send(self, packet: Packet) -> None:
         if not self.closed:
@@ -257,7 +269,10 @@ class _Session:
         await self.channel.close(grace=None)
 
     async def _read(self) -> None:
+        readable = self.readable
         while True:
+            if not readable.is_set():
+                await readable.wait()
             msg = await self.call.read()
             if msg is grpc.aio.EOF:
                 return
@@ -340,6 +355,16 @@ class _Session:
         if self.conns.get(ep.cid) is ep:
             del self.conns[ep.cid]
         self.dialed.pop(ep.random, None)
+        self.gate.release(ep)
+
+    def _stalled(self, key: object) -> None:
+        """A target took too little for the gate's stall timeout while the stream waited for it: close it."""
+        assert isinstance(key, _Endpoint)
+        if self.conns.get(key.cid) is not key:
+            return  # closed meanwhile (with the whole stream, say)
+        self.agent.stats["conn_stalled"] += 1
+        self.close_endpoint(key, error=f"the target stayed over {self.agent.buffer_limit} bytes behind for "
+                                       f"{self.agent.stall_timeout:g} s")
 
     def close_endpoint(self, ep: _Endpoint, *, error: str = "") -> None:
         """Close a connection from this side and tell the server (CLOSE_RSP, as upstream's agent does)."""
@@ -422,6 +447,7 @@ class KonnectivityAgent:
         dial_timeout: float = 5.0,
         window: int | None = DEFAULT_WINDOW,
         buffer_limit: int = DEFAULT_BUFFER_LIMIT,
+        stall_timeout: float = STALL_TIMEOUT,
         keepalive: float = 30.0,
     ) -> None:
         if (cert_file is None) != (key_file is None):
@@ -444,9 +470,10 @@ class KonnectivityAgent:
         self.dial_timeout = dial_timeout
         self.window = window
         self.buffer_limit = buffer_limit
+        self.stall_timeout = stall_timeout
         self.keepalive = keepalive
         self.sessions: dict[str, _Session] = {}
-        self.stats: dict[str, int] = {"dial_ok": 0, "dial_refused": 0, "connect_failures": 0}
+        self.stats: dict[str, int] = {"dial_ok": 0, "dial_refused": 0, "connect_failures": 0, "conn_stalled": 0}
         self.draining = False
         self._changed = asyncio.Event()
         self._main: asyncio.Task[None] | None = None

@@ -27,7 +27,8 @@ State (all of it lives here; the asyncio server only moves packets in and out):
 Inputs are method calls (a packet from an agent, a dial/data/close from a frontend, a stream going away, a
 timer firing); outputs are calls on the links' non-blocking ``send()`` (a queue put). Nothing here awaits, so a
 slow peer can only ever fill its own queue, and that is bounded by the per-connection flow control of
-:mod:`kplane.tunnel.flow`.
+:mod:`kplane.tunnel.flow`. For an agent without windows that includes pausing the reading of its stream (the
+link's ``pause_reading``/``resume_reading``) while one of its connections holds more than ``buffer_limit``.
 
 Routing (``strategies``, evaluated in order, as upstream's ``--proxy-strategies``): ``destHost`` (the dial host
 equals a declared ``host``/``ipv4``/``ipv6``), ``destCIDR`` (inside a declared ``cidr``; upstream parses but never
@@ -41,12 +42,21 @@ from __future__ import annotations
 import itertools
 import random
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from kplane.tunnel import packets as P
-from kplane.tunnel.flow import DEFAULT_BUFFER_LIMIT, FlowControlError, ReceiveBuffer, SendCredit
+from kplane.tunnel.flow import (
+    DEFAULT_BUFFER_LIMIT,
+    STALL_TIMEOUT,
+    Cancellable,
+    FlowControlError,
+    ReadGate,
+    ReceiveBuffer,
+    Scheduler,
+    SendCredit,
+)
 from kplane.tunnel.packets import AgentIdentifiers, Packet, PacketType
 
 STRATEGIES = ("destHost", "destCIDR", "defaultRoute", "default")
@@ -65,13 +75,6 @@ MAX_CONNS_PER_FRONTEND = 4096
 LOCAL_CREDIT = 1 << 20  # in-flight bytes per connection toward an agent that does not do windows
 
 
-class Cancellable(Protocol):
-    def cancel(self) -> None: ...
-
-
-Scheduler = Callable[[float, Callable[[], None]], Cancellable]
-
-
 class AgentLink(Protocol):
     """One agent's stream, as the relay sees it."""
 
@@ -82,6 +85,10 @@ class AgentLink(Protocol):
     def send_data(self, connect_id: int, payload: bytes | memoryview) -> None: ...
 
     def close(self, reason: str) -> None: ...  # end the stream (replaced, protocol violation)
+
+    def pause_reading(self) -> None: ...  # stop reading the stream (an agent without windows sends too much)
+
+    def resume_reading(self) -> None: ...
 
 
 class FrontendLink(Protocol):
@@ -107,6 +114,7 @@ class Agent:
     randoms: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     gone: bool = False
     confirmed: bool = False
+    gate: ReadGate | None = None  # set by ProxyCore.add_agent
 
 
 @dataclass(eq=False)
@@ -158,6 +166,7 @@ class ProxyCore:
         only_declared: bool = True,
         window: int | None = None,
         buffer_limit: int = DEFAULT_BUFFER_LIMIT,
+        stall_timeout: float = STALL_TIMEOUT,
         dial_timeout: float = 10.0,
         close_timeout: float = 10.0,
         replace_grace: float = 5.0,
@@ -173,6 +182,7 @@ class ProxyCore:
         self.only_declared = only_declared
         self.window = window  # what we announce to agents that do windows
         self.buffer_limit = buffer_limit
+        self.stall_timeout = stall_timeout
         self.dial_timeout = dial_timeout
         self.close_timeout = close_timeout
         self.replace_grace = replace_grace
@@ -189,6 +199,8 @@ class ProxyCore:
         """Register an authenticated agent stream (see the module docstring for ``replaces``)."""
         a = Agent(agent_id=agent_id, identifiers=identifiers, user=user, link=link,
                   window=window if self.window is not None else None)
+        a.gate = ReadGate(pause=link.pause_reading, resume=link.resume_reading, schedule=self.schedule,
+                          on_stall=self._conn_stalled, stall_timeout=self.stall_timeout)
         streams = self.agents.setdefault(agent_id, [])
         streams.insert(0, a)
         for extra in streams[MAX_STREAMS_PER_AGENT:]:
@@ -345,12 +357,15 @@ class ProxyCore:
             return
         if c.closing or c.frontend.gone:
             return
+        buf = c.from_agent
         try:
-            c.from_agent.received(len(payload))
+            buf.received(len(payload))
         except FlowControlError as e:
             self._abort_conn(c, str(e))
             return
         c.frontend.link.send_data(c.cid, payload)
+        if buf.over and agent.gate is not None:
+            agent.gate.update(c, True)
 
     # ------------------------------------------------------------------------------------- frontends
 
@@ -437,6 +452,8 @@ class ProxyCore:
         grant = c.from_agent.consumed(n)
         if grant and not c.agent.gone:
             c.agent.link.send(P.window_update(c.agent_cid, grant))
+        elif c.agent.window is None and c.agent.gate is not None:
+            c.agent.gate.update(c, c.from_agent.over)
 
     def frontend_close(self, f: Frontend, cid: int) -> bool:
         """CLOSE_REQ from a frontend (or EOF on an HTTP-CONNECT socket). The agent's CLOSE_RSP completes it;
@@ -501,6 +518,8 @@ class ProxyCore:
             c.timer = None
         if c.agent.conns.get(c.agent_cid) is c:
             del c.agent.conns[c.agent_cid]
+        if c.agent.gate is not None:
+            c.agent.gate.release(c)
         if c.frontend.conns.get(c.cid) is c:
             del c.frontend.conns[c.cid]
             if not c.frontend.gone:
@@ -514,6 +533,13 @@ class ProxyCore:
             c.agent.link.send(P.close_request(c.agent_cid))
         if not c.frontend.gone:
             c.frontend.link.send(P.close_response(c.cid, error))
+
+    def _conn_stalled(self, key: Hashable) -> None:
+        """An agent without windows has had its stream paused for ``stall_timeout`` by this connection, whose
+        frontend is not reading: close it, as upstream's client closes a tunnel that stalls this long."""
+        assert isinstance(key, Conn)
+        self.stats["conn_stalled"] += 1
+        self._abort_conn(key, f"its reader stayed over {self.buffer_limit} bytes behind for {self.stall_timeout:g} s")
 
     def _close_timed_out(self, c: Conn) -> None:
         c.timer = None

@@ -14,11 +14,18 @@ With the kplane extension negotiated (both ends sent ``kplane-window-v1: N`` in 
 travels end to end: a receiver announces ``N`` bytes per connection and returns credit with
 ``KPLANE_WINDOW_UPDATE`` as it consumes; a peer that overruns the window broke the protocol and its connection is
 closed. With an upstream peer there is no such packet: credit is then local (returned when our own stream writer
-has handed the packet to gRPC), and a receive buffer that outgrows ``limit`` closes *that* connection, the
-crude rule upstream also applies (a stalled reader loses its connection instead of stalling everyone).
+has handed the packet to gRPC), and the only brake left is the shared stream itself, as upstream has it. A
+receive buffer holding more than ``limit`` *pauses reading the stream* (HTTP/2 flow control then stops the peer,
+and every connection on the stream waits) until the buffer drains; a connection that stays over its limit for
+``STALL_TIMEOUT`` is closed, so one dead reader holds the others up for that long at most (upstream's client
+tears its tunnel down after the same 10 s). A reader that is only slower than its sender never loses a byte.
+:class:`ReadGate` keeps that state for one stream.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Protocol
 
 # bytes per connection and direction; credit comes back in grants of half a window, so a larger window means
 # fewer window updates and fewer times a fast sender stops reading its source
@@ -26,6 +33,14 @@ DEFAULT_WINDOW = 2 << 20
 MIN_WINDOW = 64 << 10
 MAX_WINDOW = 64 << 20
 DEFAULT_BUFFER_LIMIT = 4 << 20  # receive buffer per connection when the peer does not do windows
+STALL_TIMEOUT = 10.0  # seconds a connection may stay over that limit (holding its stream) before it is closed
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+Scheduler = Callable[[float, Callable[[], None]], Cancellable]  # (delay, callback) -> handle, as loop.call_later
 
 
 class FlowControlError(Exception):
@@ -86,13 +101,16 @@ class ReceiveBuffer:
         self.unacked = 0
 
     def received(self, n: int) -> None:
-        """Account ``n`` received bytes; raises FlowControlError when the buffer would exceed its limit."""
-        if self.buffered + n > self.limit:
-            raise FlowControlError(
-                f"receive buffer overflow ({self.buffered} + {n} > {self.limit} bytes)"
-                + ("" if self.window is not None else ": the destination is not reading")
-            )
+        """Account ``n`` received bytes; raises FlowControlError when a peer that does windows overran ours.
+        Without windows nothing is refused: see :attr:`over`."""
+        if self.window is not None and self.buffered + n > self.limit:
+            raise FlowControlError(f"receive buffer overflow ({self.buffered} + {n} > {self.limit} bytes)")
         self.buffered += n
+
+    @property
+    def over(self) -> bool:
+        """More than ``limit`` is held (only possible without windows): the stream must not be read for now."""
+        return self.buffered > self.limit
 
     def consumed(self, n: int) -> int:
         """``n`` bytes were written out; returns the credit to grant the peer now (0: nothing yet)."""
@@ -104,3 +122,47 @@ class ReceiveBuffer:
             grant, self.unacked = self.unacked, 0
             return grant
         return 0
+
+
+class ReadGate:
+    """Whether one shared stream may be read, for peers without windows.
+
+    Call :meth:`update` with a connection's key and its buffer's :attr:`ReceiveBuffer.over` after every receive
+    and every consume, and :meth:`release` when the connection goes. The first connection over its limit calls
+    ``pause``; the last one back under calls ``resume``. A connection still over its limit ``stall_timeout``
+    seconds after it went over is handed to ``on_stall`` (which is expected to close it) and released."""
+
+    __slots__ = ("_held", "on_stall", "pause", "resume", "schedule", "stall_timeout")
+
+    def __init__(self, *, pause: Callable[[], None], resume: Callable[[], None], schedule: Scheduler,
+                 on_stall: Callable[[Hashable], None], stall_timeout: float = STALL_TIMEOUT) -> None:
+        self.pause, self.resume, self.schedule = pause, resume, schedule
+        self.on_stall = on_stall
+        self.stall_timeout = stall_timeout
+        self._held: dict[Hashable, Cancellable] = {}
+
+    @property
+    def open(self) -> bool:
+        return not self._held
+
+    def update(self, key: Hashable, over: bool) -> None:
+        if over:
+            if key not in self._held:
+                self._held[key] = self.schedule(self.stall_timeout, lambda: self._stalled(key))
+                if len(self._held) == 1:
+                    self.pause()
+        elif key in self._held:
+            self.release(key)
+
+    def release(self, key: Hashable) -> None:
+        timer = self._held.pop(key, None)
+        if timer is None:
+            return
+        timer.cancel()
+        if not self._held:
+            self.resume()
+
+    def _stalled(self, key: Hashable) -> None:
+        if key in self._held:
+            self.on_stall(key)
+            self.release(key)

@@ -49,7 +49,7 @@ from kplane.tunnel.auth import (
     identity_from_token,
 )
 from kplane.tunnel.core import Agent, Frontend, ProxyCore
-from kplane.tunnel.flow import DEFAULT_WINDOW, parse_window
+from kplane.tunnel.flow import DEFAULT_BUFFER_LIMIT, DEFAULT_WINDOW, STALL_TIMEOUT, parse_window
 from kplane.tunnel.httpconnect import (
     ESTABLISHED,
     HTTPError,
@@ -119,6 +119,8 @@ class _AgentStream:
         self.ready = asyncio.Event()
         self.closed = asyncio.Event()
         self.reason = ""
+        self.readable = asyncio.Event()  # cleared while the relay holds the stream (ProxyCore's ReadGate)
+        self.readable.set()
 
     def send(self, packet: Packet) -> None:
         self.outbox.put(packet)
@@ -131,6 +133,12 @@ class _AgentStream:
     def close(self, reason: str) -> None:
         self.reason = reason
         self.closed.set()
+
+    def pause_reading(self) -> None:
+        self.readable.clear()
+
+    def resume_reading(self) -> None:
+        self.readable.set()
 
 
 class _AgentService:
@@ -163,7 +171,7 @@ class _AgentService:
         agent = s.core.add_agent(agent_id, identifiers, identity_user, link, window, replaces=held is not None)
         log.info("konnectivity: agent %s (%s) connected from %s, identifiers %r", agent_id, identity_user, peer,
                  identifiers.format())
-        reader = asyncio.create_task(self._read(context, agent))
+        reader = asyncio.create_task(self._read(context, agent, link))
         writer = asyncio.create_task(self._write(context, agent, link))
         closed = asyncio.create_task(link.closed.wait())
         stopping = asyncio.create_task(s._stopping.wait())
@@ -182,9 +190,12 @@ class _AgentService:
         if link.reason:
             await context.abort(grpc.StatusCode.UNAVAILABLE, link.reason)
 
-    async def _read(self, context: Any, agent: Agent) -> None:
+    async def _read(self, context: Any, agent: Agent, link: _AgentStream) -> None:
         core = self.server.core
+        readable = link.readable
         while True:
+            if not readable.is_set():
+                await readable.wait()
             msg = await context.read()
             if msg is grpc.aio.EOF:
                 return
@@ -548,6 +559,8 @@ class KonnectivityServer:
         dial_timeout: float = 10.0,
         replace_grace: float = 5.0,
         window: int | None = DEFAULT_WINDOW,
+        buffer_limit: int = DEFAULT_BUFFER_LIMIT,
+        stall_timeout: float = STALL_TIMEOUT,
         keepalive: float = 30.0,
     ) -> None:
         if mode not in ("grpc", "http-connect"):
@@ -572,7 +585,8 @@ class KonnectivityServer:
         self.keepalive = keepalive
         self.requested_health_port = health_port
         self.core = ProxyCore(strategies=strategies, only_declared=only_declared, window=window,
-                              dial_timeout=dial_timeout, replace_grace=replace_grace, schedule=self._schedule)
+                              buffer_limit=buffer_limit, stall_timeout=stall_timeout, dial_timeout=dial_timeout,
+                              replace_grace=replace_grace, schedule=self._schedule)
         self.agent_port = 0
         self.health_port: int | None = None
         self._agent_server: grpc.aio.Server | None = None
