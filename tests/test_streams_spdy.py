@@ -267,6 +267,29 @@ def test_data_frames_split_as_a_websocket_tunnel_splits_them() -> None:
     assert [e.data for e in got if isinstance(e, spdy.Data)] == payloads
 
 
+def test_a_payload_that_comes_as_its_own_bytes_is_used_without_a_copy() -> None:
+    """When the header came before and a message is exactly the frame's payload, as bytes, that object is the
+    event's data (no copy: it cost the WebSocket port-forward path ~6 % of its throughput); a mutable buffer is
+    copied, since its owner may reuse it."""
+    c = SpdyConnection(server=False)
+    sid = c.syn_stream({"streamType": "data"})
+    srv = SpdyConnection(server=True)
+    srv.receive_data(c.data_to_send())
+    srv.syn_reply(sid)
+    payload = os.urandom(32768)
+    for kind in (bytes, bytearray):
+        c.data(sid, payload)
+        raw = c.data_to_send()
+        assert srv.receive_data(raw[:4]) == [] and srv.receive_data(raw[4:8]) == []
+        piece = kind(raw[8:])
+        (ev,) = srv.receive_data(piece)
+        assert isinstance(ev, spdy.Data) and ev.data == payload
+        assert (ev.data is piece) == (kind is bytes)
+        if kind is bytearray:
+            piece[:4] = b"\0\0\0\0"
+            assert ev.data == payload
+
+
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=300))
 def test_fuzz_only_spdy_protocol_error(data: bytes) -> None:

@@ -315,9 +315,10 @@ class SpdyConnection:
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         if self._broken:
             raise SpdyProtocolError("connection already failed")
-        # Frames are cut straight out of ``data`` (one copy per payload). Only a frame cut off at the end waits in
-        # ``_inbuf``; the next call tops it up with just the bytes that frame still lacks, so the bytes after it
-        # are never copied into the buffer.
+        # Frames are cut straight out of ``data`` (one copy per payload; none when a payload comes alone, as bytes,
+        # as over kubectl's WebSocket tunnel, which sends each header and payload apart). Only a frame cut off at
+        # the end waits in ``_inbuf``; the next call tops it up with just the bytes that frame still lacks, so the
+        # bytes after it are never copied into the buffer.
         events: list[Event] = []
         pos, end = 0, len(data)
         try:
@@ -332,7 +333,8 @@ class SpdyConnection:
                     word, flags_len = _HDR.unpack_from(inbuf, 0)
                     length = flags_len & 0xFFFFFF
                     if len(inbuf) == 8 and end - pos >= length:  # only the header waited: payload straight from data
-                        payload = bytes(view[pos:pos + length])
+                        payload = (data if pos == 0 and length == end and type(data) is bytes
+                                   else bytes(view[pos:pos + length]))
                         pos += length
                     else:
                         take = min(8 + length - len(inbuf), end - pos)
