@@ -108,13 +108,13 @@ class Agent:
     user: str
     link: AgentLink
     window: int | None  # the agent's announced receive window (kplane extension), None: upstream agent
+    gate: ReadGate  # holds the stream's reading while a connection lags (only an agent without windows)
     draining: bool = False
     pending: dict[int, Pending] = field(default_factory=dict)  # our random -> dial
     conns: dict[int, Conn] = field(default_factory=dict)  # agent's connectID -> connection
     randoms: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     gone: bool = False
     confirmed: bool = False
-    gate: ReadGate | None = None  # set by ProxyCore.add_agent
 
 
 @dataclass(eq=False)
@@ -197,10 +197,10 @@ class ProxyCore:
     def add_agent(self, agent_id: str, identifiers: AgentIdentifiers, user: str, link: AgentLink,
                   window: int | None, *, replaces: bool = False) -> Agent:
         """Register an authenticated agent stream (see the module docstring for ``replaces``)."""
+        gate = ReadGate(pause=link.pause_reading, resume=link.resume_reading, schedule=self.schedule,
+                        on_stall=self._conn_stalled, stall_timeout=self.stall_timeout)
         a = Agent(agent_id=agent_id, identifiers=identifiers, user=user, link=link,
-                  window=window if self.window is not None else None)
-        a.gate = ReadGate(pause=link.pause_reading, resume=link.resume_reading, schedule=self.schedule,
-                          on_stall=self._conn_stalled, stall_timeout=self.stall_timeout)
+                  window=window if self.window is not None else None, gate=gate)
         streams = self.agents.setdefault(agent_id, [])
         streams.insert(0, a)
         for extra in streams[MAX_STREAMS_PER_AGENT:]:
@@ -364,7 +364,7 @@ class ProxyCore:
             self._abort_conn(c, str(e))
             return
         c.frontend.link.send_data(c.cid, payload)
-        if buf.over and agent.gate is not None:
+        if buf.over:
             agent.gate.update(c, True)
 
     # ------------------------------------------------------------------------------------- frontends
@@ -452,7 +452,7 @@ class ProxyCore:
         grant = c.from_agent.consumed(n)
         if grant and not c.agent.gone:
             c.agent.link.send(P.window_update(c.agent_cid, grant))
-        elif c.agent.window is None and c.agent.gate is not None:
+        elif c.agent.window is None:
             c.agent.gate.update(c, c.from_agent.over)
 
     def frontend_close(self, f: Frontend, cid: int) -> bool:
@@ -518,8 +518,7 @@ class ProxyCore:
             c.timer = None
         if c.agent.conns.get(c.agent_cid) is c:
             del c.agent.conns[c.agent_cid]
-        if c.agent.gate is not None:
-            c.agent.gate.release(c)
+        c.agent.gate.release(c)
         if c.frontend.conns.get(c.cid) is c:
             del c.frontend.conns[c.cid]
             if not c.frontend.gone:
