@@ -269,7 +269,7 @@ def test_data_frames_split_as_a_websocket_tunnel_splits_them() -> None:
 
 def test_a_payload_that_comes_as_its_own_bytes_is_used_without_a_copy() -> None:
     """When the header came before and a message is exactly the frame's payload, as bytes, that object is the
-    event's data (no copy: it cost the WebSocket port-forward path ~6 % of its throughput); a mutable buffer is
+    event's data (no copy: it cost the WebSocket port-forward path ~6 % of its CPU per GB); a mutable buffer is
     copied, since its owner may reuse it."""
     c = SpdyConnection(server=False)
     sid = c.syn_stream({"streamType": "data"})
